@@ -1,0 +1,747 @@
+//! The Hydra client: the only code that speaks HTTP.
+//!
+//! A pass is one exchange: `GET JOB/latest` (answered with a 302 that we do
+//! not follow) and `GET BASE/build/ID`, both on the job URI's own origin
+//! whatever the `Location` header says, so credentials never leave it.
+
+use std::fmt;
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+use ureq::Agent;
+use ureq::http::{Response, StatusCode, header};
+
+use crate::store_path::{StoreDir, StorePath};
+
+/// Hydra's answers are a few KiB; anything this large is not Hydra.
+pub const MAX_BODY: u64 = 1024 * 1024;
+const EXPECTED_JOB_URI: &str = "http(s)://HOST[:PORT][/PREFIX]/job/PROJECT/JOBSET/JOB";
+
+/// A Hydra job URI, validated and split into the parts hail needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobUri {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Host as written (lower-cased), without port; IPv6 keeps its brackets.
+    pub host: String,
+    pub port: u16,
+    /// `scheme://authority/prefix`: where Hydra's other endpoints live.
+    pub base: String,
+    pub project: String,
+    pub jobset: String,
+    pub job: String,
+}
+
+impl JobUri {
+    pub fn parse(uri: &str) -> Result<Self, String> {
+        let expected = || format!("{uri:?} is not a Hydra job URI; expected {EXPECTED_JOB_URI}");
+        let (scheme, rest) = uri.split_once("://").ok_or_else(expected)?;
+        let scheme = scheme.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "http" => 80,
+            "https" => 443,
+            _ => return Err(expected()),
+        };
+        if uri
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "?#\\".contains(c))
+        {
+            return Err(format!("{} (no spaces, query or fragment)", expected()));
+        }
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if authority.contains('@') {
+            return Err(format!(
+                "{uri:?} carries credentials; put them in a netrc file (--netrc-file) instead"
+            ));
+        }
+        let (host, port) = split_authority(authority, default_port).ok_or_else(expected)?;
+        let path = path.trim_end_matches('/');
+        let at = path.rfind("/job/").ok_or_else(expected)?;
+        let (prefix, job_part) = (&path[..at], &path[at + "/job/".len()..]);
+        let parts: Vec<&str> = job_part.split('/').collect();
+        let [project, jobset, job] = parts[..] else {
+            return Err(expected());
+        };
+        if [project, jobset, job].iter().any(|p| p.is_empty()) {
+            return Err(expected());
+        }
+        Ok(Self {
+            base: format!("{scheme}://{authority}{prefix}"),
+            scheme,
+            host,
+            port,
+            project: project.into(),
+            jobset: jobset.into(),
+            job: job.into(),
+        })
+    }
+
+    /// The job's own URL, normalised (no trailing slash).
+    pub fn url(&self) -> String {
+        format!(
+            "{}/job/{}/{}/{}",
+            self.base, self.project, self.jobset, self.job
+        )
+    }
+
+    pub fn latest_url(&self) -> String {
+        format!("{}/latest", self.url())
+    }
+
+    pub fn build_url(&self, id: u64) -> String {
+        format!("{}/build/{id}", self.base)
+    }
+}
+
+impl fmt::Display for JobUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.url())
+    }
+}
+
+fn split_authority(authority: &str, default_port: u16) -> Option<(String, u16)> {
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (addr, after) = v6.split_once(']')?;
+        (format!("[{addr}]"), after.strip_prefix(':'))
+    } else {
+        match authority.split_once(':') {
+            Some((host, port)) => (host.to_owned(), Some(port)),
+            None => (authority.to_owned(), None),
+        }
+    };
+    let valid_host = host.len() > 2 && host.starts_with('[')
+        || !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c));
+    if !valid_host {
+        return None;
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => p.parse().ok().filter(|p| *p != 0)?,
+    };
+    Some((host.to_ascii_lowercase(), port))
+}
+
+/// HTTP Basic credentials for the job URI's host.
+#[derive(Clone)]
+pub struct Credentials {
+    pub login: String,
+    pub password: String,
+}
+
+impl Credentials {
+    fn header_value(&self) -> String {
+        let raw = format!("{}:{}", self.login, self.password);
+        format!("Basic {}", base64(raw.as_bytes()))
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never let a password reach a log line by accident.
+        f.debug_struct("Credentials")
+            .field("login", &self.login)
+            .finish_non_exhaustive()
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// How long each HTTP exchange may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub request: Duration,
+}
+
+impl Timeouts {
+    pub const DEFAULT: Self = Self {
+        connect: Duration::from_secs(10),
+        request: Duration::from_secs(60),
+    };
+
+    /// `--timeout SECS`: the whole request, and the connect phase within it.
+    pub fn total(request: Duration) -> Self {
+        Self {
+            connect: request.min(Self::DEFAULT.connect),
+            request,
+        }
+    }
+}
+
+/// A successful Hydra build with the output hail deploys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Build {
+    pub id: u64,
+    pub out_path: StorePath,
+}
+
+pub struct Client {
+    agent: Agent,
+    job: JobUri,
+    authorization: Option<String>,
+    store: StoreDir,
+}
+
+impl Client {
+    pub fn new(
+        job: JobUri,
+        credentials: Option<Credentials>,
+        timeouts: Timeouts,
+        store: StoreDir,
+    ) -> Result<Self> {
+        let mut config = Agent::config_builder()
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .timeout_connect(Some(timeouts.connect))
+            .timeout_global(Some(timeouts.request))
+            .user_agent(concat!("hail/", env!("CARGO_PKG_VERSION")));
+        // Loading the trust store costs a few ms; an http job URI never needs it.
+        if job.scheme == "https" {
+            config = config.tls_config(tls_config()?);
+        }
+        Ok(Self {
+            agent: config.build().into(),
+            authorization: credentials.map(|c| c.header_value()),
+            job,
+            store,
+        })
+    }
+
+    pub fn job(&self) -> &JobUri {
+        &self.job
+    }
+
+    /// The job's latest successful build: Hydra's `latest` redirect, then the
+    /// build it names, fetched from the job URI's own origin.
+    pub fn latest_build(&self) -> Result<Build> {
+        let url = self.job.latest_url();
+        let id = self.redirect_target(&url)?;
+        self.build(id)
+    }
+
+    /// Follows nothing: reads the build id out of the 302 that Hydra's
+    /// `latest` endpoints answer with.
+    fn redirect_target(&self, url: &str) -> Result<u64> {
+        let mut response = self.get(url)?;
+        let status = response.status();
+        let location = response
+            .headers()
+            .get(header::LOCATION)
+            .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
+        // Read the small "Moved" page so the connection can be reused.
+        let body = read_body(&mut response, url)?;
+        match (status, location) {
+            (
+                StatusCode::FOUND | StatusCode::SEE_OTHER | StatusCode::TEMPORARY_REDIRECT,
+                Some(location),
+            ) => {
+                let (id, origin) = build_id_from_location(&location).ok_or_else(|| {
+                    anyhow!(
+                        "Hydra answered {url} with {status} to {location:?}, which is not a Hydra build URL (…/build/ID)"
+                    )
+                })?;
+                if let Some(origin) = origin.filter(|o| !self.same_origin(o)) {
+                    log::warn!(
+                        "Hydra redirected to {location}, which is not on the job URI's origin {}; \
+                         fetching build {id} from there instead (check the reverse proxy's \
+                         X-Forwarded-Host/-Proto headers)",
+                        self.job.base
+                    );
+                    log::debug!("redirect origin was {origin}");
+                }
+                Ok(id)
+            }
+            (StatusCode::MOVED_PERMANENTLY | StatusCode::PERMANENT_REDIRECT, location) => bail!(
+                "Hydra answered {url} with {status}{}: the job URI has moved (renamed jobset?); \
+                 update --job-uri",
+                location.map(|l| format!(" to {l:?}")).unwrap_or_default()
+            ),
+            (status, location) => Err(self.status_error(url, status, &response, &body, location)),
+        }
+    }
+
+    /// `GET BASE/build/ID`, validated into a deployable [`Build`].
+    fn build(&self, id: u64) -> Result<Build> {
+        let url = self.job.build_url(id);
+        let mut response = self.get(&url)?;
+        let body = read_body(&mut response, &url)?;
+        let status = response.status();
+        if status != StatusCode::OK {
+            return Err(self.status_error(&url, status, &response, &body, None));
+        }
+        let json = parse_json(&response, &body, &url)?;
+        parse_build(&json, id, "out", &self.store)
+            .with_context(|| format!("Hydra's build {id} ({url}) cannot be deployed"))
+    }
+
+    fn get(&self, url: &str) -> Result<Response<ureq::Body>> {
+        let mut request = self
+            .agent
+            .get(url)
+            .header(header::ACCEPT, "application/json");
+        if let Some(auth) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, auth);
+        }
+        request
+            .call()
+            .map_err(|err| describe_transport_error(err, url))
+    }
+
+    fn same_origin(&self, origin: &str) -> bool {
+        let Ok(other) = JobUri::parse(&format!("{origin}/job/p/j/j")) else {
+            return false;
+        };
+        (other.scheme.as_str(), other.host.as_str(), other.port)
+            == (
+                self.job.scheme.as_str(),
+                self.job.host.as_str(),
+                self.job.port,
+            )
+    }
+
+    fn status_error(
+        &self,
+        url: &str,
+        status: StatusCode,
+        response: &Response<ureq::Body>,
+        body: &[u8],
+        location: Option<String>,
+    ) -> anyhow::Error {
+        let hydra_says = hydra_error_message(response, body);
+        let said = hydra_says
+            .as_deref()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        match status {
+            StatusCode::NOT_FOUND => anyhow!(
+                "Hydra has no successful build at {url}{said} (check the job URI, or wait for a build to succeed)"
+            ),
+            StatusCode::UNAUTHORIZED => anyhow!(
+                "{url} requires credentials ({status}){said}: {}",
+                if self.authorization.is_some() {
+                    "the netrc entry for this host was refused; check its login and password"
+                } else {
+                    "add a netrc entry for this host and pass it with --netrc-file"
+                }
+            ),
+            StatusCode::FORBIDDEN => anyhow!(
+                "{url} refused access ({status}){said}: a private Hydra needs a reverse proxy with \
+                 HTTP Basic auth and a netrc entry for it (--netrc-file)"
+            ),
+            _ => {
+                let what = if hydra_says.is_none() && is_html(response) {
+                    " (an HTML page: a proxy error page, or the Accept header was dropped)"
+                } else {
+                    ""
+                };
+                anyhow!(
+                    "unexpected answer from Hydra: {status} for {url}{}{said}{what}",
+                    location
+                        .map(|l| format!(" with Location {l:?}"))
+                        .unwrap_or_default()
+                )
+            }
+        }
+    }
+}
+
+fn describe_transport_error(err: ureq::Error, url: &str) -> anyhow::Error {
+    match err {
+        ureq::Error::Timeout(what) => anyhow!(
+            "Hydra did not answer {url} in time ({what:?} timeout; raise --timeout if Hydra is slow)"
+        ),
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            anyhow!("cannot reach Hydra at {url}: connection refused (is Hydra up?)")
+        }
+        other => anyhow::Error::new(other).context(format!("cannot reach Hydra at {url}")),
+    }
+}
+
+fn read_body(response: &mut Response<ureq::Body>, url: &str) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    // Read one byte past the limit to tell "exactly 1 MiB" from "more".
+    let reader = response.body_mut().as_reader();
+    match reader.take(MAX_BODY + 1).read_to_end(&mut body) {
+        Ok(_) if body.len() as u64 > MAX_BODY => {
+            bail!("Hydra's answer to {url} is larger than {MAX_BODY} bytes; refusing it")
+        }
+        Ok(_) => Ok(body),
+        Err(err) => Err(anyhow::Error::new(err).context(format!(
+            "Hydra's answer to {url} broke off (truncated or timed out)"
+        ))),
+    }
+}
+
+fn is_html(response: &Response<ureq::Body>) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/html"))
+}
+
+/// Hydra's `{"error": "..."}` message, if the body is one.
+fn hydra_error_message(response: &Response<ureq::Body>, body: &[u8]) -> Option<String> {
+    if is_html(response) {
+        return None;
+    }
+    let json: Value = serde_json::from_slice(body).ok()?;
+    json.get("error")?.as_str().map(str::to_owned)
+}
+
+fn parse_json(response: &Response<ureq::Body>, body: &[u8], url: &str) -> Result<Value> {
+    if is_html(response) {
+        bail!(
+            "Hydra answered {url} with HTML instead of JSON (does a proxy drop the \
+             'Accept: application/json' header?)"
+        );
+    }
+    serde_json::from_slice(body).map_err(|err| {
+        anyhow!(
+            "Hydra's answer to {url} is not valid JSON ({err}): {}",
+            quote_bytes(body)
+        )
+    })
+}
+
+/// `…/build/123` (absolute or relative, any query) → (123, the origin if
+/// the Location was absolute).
+fn build_id_from_location(location: &str) -> Option<(u64, Option<String>)> {
+    let (origin, path) = match location.split_once("://") {
+        Some((scheme, rest)) => {
+            let split = rest.find('/').unwrap_or(rest.len());
+            (
+                Some(format!("{scheme}://{}", &rest[..split])),
+                &rest[split..],
+            )
+        }
+        None => (None, location),
+    };
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let id = path.strip_prefix('/').unwrap_or(path);
+    let (_, id) = id.rsplit_once("build/")?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) || !path.contains("/build/") {
+        return None;
+    }
+    Some((id.parse().ok()?, origin))
+}
+
+/// Validates a Hydra build object as a finished, successful build with a
+/// well-formed `output` path. Every complaint quotes what Hydra sent.
+pub fn parse_build(
+    json: &Value,
+    expected_id: u64,
+    output: &str,
+    store: &StoreDir,
+) -> Result<Build> {
+    let field = |name: &str| {
+        json.get(name)
+            .ok_or_else(|| anyhow!("it has no {name:?} field"))
+    };
+    let obj = json
+        .as_object()
+        .ok_or_else(|| anyhow!("it is not a JSON object: {}", quote(json)))?;
+    let _ = obj;
+    let id = field("id")?;
+    if id.as_u64() != Some(expected_id) {
+        bail!("its id is {}, not {expected_id}", quote(id));
+    }
+    match field("finished")?.as_i64() {
+        Some(1) => {}
+        Some(0) => bail!("it has not finished yet (finished = 0)"),
+        _ => bail!(
+            "its \"finished\" is {}, expected the integer 0 or 1",
+            quote(&json["finished"])
+        ),
+    }
+    let status = field("buildstatus")?;
+    match status.as_i64() {
+        Some(0) => {}
+        Some(code) => bail!(
+            "it did not succeed: buildstatus {code} ({})",
+            build_status_meaning(code)
+        ),
+        None => bail!(
+            "its \"buildstatus\" is {}, expected an integer",
+            quote(status)
+        ),
+    }
+    let outputs = field("buildoutputs")?;
+    let out = outputs.get(output).ok_or_else(|| {
+        let names: Vec<&String> = outputs
+            .as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default();
+        anyhow!(
+            "it has no output {output:?} (its buildoutputs: {})",
+            quote(outputs)
+        )
+        .context(format!("outputs are {names:?}"))
+    })?;
+    let path = match out.get("path") {
+        Some(Value::String(path)) => path,
+        Some(Value::Null) => bail!(
+            "its output {output:?} has no path (a content-addressed derivation): Hydra cannot tell \
+             which store path to deploy"
+        ),
+        _ => bail!(
+            "its output {output:?} is {}, expected {{\"path\": \"/nix/store/…\"}}",
+            quote(out)
+        ),
+    };
+    let out_path = store.parse(path).map_err(|why| {
+        anyhow!(
+            "its output path {} is not a valid store path: {why}",
+            quote(&Value::String(path.clone()))
+        )
+    })?;
+    Ok(Build {
+        id: expected_id,
+        out_path,
+    })
+}
+
+fn build_status_meaning(code: i64) -> &'static str {
+    match code {
+        1 => "failed",
+        2 => "dependency failed",
+        3 | 9 => "aborted",
+        4 => "cancelled",
+        6 => "failed with output",
+        7 => "timed out",
+        10 => "log limit exceeded",
+        11 => "output limit exceeded",
+        12 => "non-deterministic",
+        _ => "unknown status",
+    }
+}
+
+const QUOTE_MAX: usize = 200;
+
+fn quote(value: &Value) -> String {
+    shorten(&value.to_string())
+}
+
+fn quote_bytes(body: &[u8]) -> String {
+    format!("{:?}", shorten(&String::from_utf8_lossy(body)))
+}
+
+fn shorten(text: &str) -> String {
+    match text.char_indices().nth(QUOTE_MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// The roots hail trusts for https: `NIX_SSL_CERT_FILE`, `SSL_CERT_FILE`, or
+/// the system bundle, so a Hydra behind a private CA works like it does for nix.
+fn tls_config() -> Result<ureq::tls::TlsConfig> {
+    const SYSTEM_BUNDLES: &[&str] = &[
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/ca-bundle.pem",
+        "/etc/ssl/cert.pem",
+    ];
+    let from_env = ["NIX_SSL_CERT_FILE", "SSL_CERT_FILE"]
+        .iter()
+        .find_map(|var| {
+            std::env::var_os(var)
+                .filter(|v| !v.is_empty())
+                .map(|v| (*var, PathBuf::from(v)))
+        });
+    let (source, file) = match from_env {
+        Some((var, file)) => (var, file),
+        None => (
+            "the system trust store",
+            SYSTEM_BUNDLES
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "no CA certificates found (looked for {}); install your distribution's \
+                         ca-certificates or set SSL_CERT_FILE",
+                        SYSTEM_BUNDLES.join(", ")
+                    )
+                })?,
+        ),
+    };
+    let pem = std::fs::read(&file).with_context(|| {
+        format!(
+            "cannot read CA certificates {} (from {source})",
+            file.display()
+        )
+    })?;
+    let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(cert)) => Some(cert),
+            _ => None,
+        })
+        .collect();
+    if certs.is_empty() {
+        bail!(
+            "{} (from {source}) holds no PEM certificates",
+            file.display()
+        );
+    }
+    Ok(ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+        .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build_json() -> Value {
+        serde_json::from_str(include_str!("../tests/data/hydra/build.json")).unwrap()
+    }
+
+    #[test]
+    fn job_uris() {
+        let j = JobUri::parse("https://hydra.example.org/job/p/j/web").unwrap();
+        assert_eq!(j.base, "https://hydra.example.org");
+        assert_eq!((j.host.as_str(), j.port), ("hydra.example.org", 443));
+        assert_eq!(
+            j.latest_url(),
+            "https://hydra.example.org/job/p/j/web/latest"
+        );
+        assert_eq!(j.build_url(4), "https://hydra.example.org/build/4");
+
+        let j =
+            JobUri::parse("http://127.0.0.1:3000/hydra/job/hail/main/agent.x86_64-linux/").unwrap();
+        assert_eq!(j.base, "http://127.0.0.1:3000/hydra");
+        assert_eq!(j.port, 3000);
+        assert_eq!(j.job, "agent.x86_64-linux");
+        assert_eq!(
+            j.url(),
+            "http://127.0.0.1:3000/hydra/job/hail/main/agent.x86_64-linux"
+        );
+
+        let j = JobUri::parse("http://[::1]:8080/job/a/b/c").unwrap();
+        assert_eq!((j.host.as_str(), j.port), ("[::1]", 8080));
+
+        for bad in [
+            "",
+            "hydra.example.org/job/p/j/web",
+            "ftp://hydra/job/p/j/web",
+            "https://hydra/job/p/j",
+            "https://hydra/job/p/j/web/latest",
+            "https://hydra/project/p",
+            "https://hydra/job/p//web",
+            "https:///job/p/j/web",
+            "https://hydra:0/job/p/j/web",
+            "https://hydra:x/job/p/j/web",
+            "https://user:pw@hydra/job/p/j/web",
+            "https://hydra/job/p/j/web?x=1",
+            "https://hydra/job/p/j/we b",
+        ] {
+            assert!(JobUri::parse(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn locations() {
+        assert_eq!(
+            build_id_from_location("https://hydra.example.org/build/4"),
+            Some((4, Some("https://hydra.example.org".into())))
+        );
+        assert_eq!(
+            build_id_from_location("/prefix/build/17?x=1"),
+            Some((17, None))
+        );
+        for bad in [
+            "https://h/eval/4",
+            "https://h/build/",
+            "https://h/build/4/log",
+            "https://h/build/-1",
+            "https://h/build/4x",
+            "https://h/xbuild/4",
+            "",
+        ] {
+            assert_eq!(build_id_from_location(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (raw, encoded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("Aladdin:open sesame", "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),
+        ] {
+            assert_eq!(base64(raw.as_bytes()), encoded);
+        }
+    }
+
+    #[test]
+    fn parses_the_captured_build() {
+        let store = StoreDir::new("/nix/store");
+        let build = parse_build(&build_json(), 4, "out", &store).unwrap();
+        assert_eq!(build.id, 4);
+        assert!(build.out_path.as_str().starts_with("/nix/store/"));
+    }
+
+    #[test]
+    fn rejects_what_cannot_be_deployed() {
+        let store = StoreDir::new("/nix/store");
+        let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+            ("not 5", Box::new(|_| {})),
+            ("finished", Box::new(|b| b["finished"] = Value::Bool(true))),
+            ("not finished", Box::new(|b| b["finished"] = 0.into())),
+            ("buildstatus 1", Box::new(|b| b["buildstatus"] = 1.into())),
+            ("buildstatus", Box::new(|b| b["buildstatus"] = Value::Null)),
+            (
+                "no \"buildoutputs\"",
+                Box::new(|b| {
+                    b.as_object_mut().unwrap().remove("buildoutputs");
+                }),
+            ),
+            (
+                "content-addressed",
+                Box::new(|b| b["buildoutputs"]["out"]["path"] = Value::Null),
+            ),
+            (
+                "not a valid store path",
+                Box::new(|b| b["buildoutputs"]["out"]["path"] = "/nix/store/../../etc".into()),
+            ),
+            ("is \"4\"", Box::new(|b| b["id"] = "4".into())),
+        ];
+        for (expected, mutate) in cases {
+            let mut json = build_json();
+            mutate(&mut json);
+            let wanted_id = if expected == "not 5" { 5 } else { 4 };
+            let err = format!(
+                "{:#}",
+                parse_build(&json, wanted_id, "out", &store).unwrap_err()
+            );
+            assert!(err.contains(expected), "{expected:?} not in {err:?}");
+        }
+    }
+}

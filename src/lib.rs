@@ -1,0 +1,96 @@
+//! hail: keep a Nix profile in step with the latest successful build of a
+//! Hydra job, one pass per run.
+
+pub mod activate;
+pub mod cli;
+pub mod credentials;
+pub mod hydra;
+pub mod pass;
+pub mod process;
+pub mod profile;
+pub mod report;
+pub mod state;
+pub mod store_path;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::pass::{ActivationFailed, Pass};
+use crate::profile::Profile;
+use crate::state::StateDir;
+use crate::store_path::StoreDir;
+
+/// Exit status for failures that changed nothing.
+const EXIT_FAILED: u8 = 1;
+/// Exit status for a failed activation.
+const EXIT_ACTIVATION_FAILED: u8 = 3;
+
+/// The whole program: parse, run, print one error with its chain.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (profile, job) = match &cli.command {
+        Some(Command::Activate(args)) => (args.profile.profile.as_ref(), None),
+        None => (cli.pass.profile.profile.as_ref(), cli.pass.job_uri.as_ref()),
+    };
+    report::init(
+        profile.map(|p| p.as_str()),
+        job.map(|j| j.to_string()).as_deref(),
+    );
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            log::error!("{err:#}");
+            let code = if err.chain().any(|cause| cause.is::<ActivationFailed>()) {
+                EXIT_ACTIVATION_FAILED
+            } else {
+                EXIT_FAILED
+            };
+            ExitCode::from(code)
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let store = StoreDir::from_env();
+    match cli.command {
+        Some(Command::Activate(args)) => {
+            let profile = profile_from(&args.profile)?;
+            pass::activate_existing(&profile, &store, args.activate_timeout)?;
+        }
+        None => {
+            let args = cli.pass;
+            let profile = profile_from(&args.profile)?;
+            let job = args
+                .job_uri
+                .ok_or_else(|| anyhow::anyhow!("--job-uri is required"))?;
+            let credentials = credentials::for_host(args.netrc_file.as_deref(), &job.host)?;
+            let timeouts = args
+                .timeout
+                .map_or(hydra::Timeouts::DEFAULT, hydra::Timeouts::total);
+            let pass = Pass {
+                hydra: hydra::Client::new(job, credentials, timeouts, store.clone())?,
+                profile,
+                store,
+                state: args
+                    .state_dir
+                    .map_or_else(StateDir::default_from_env, StateDir::new),
+                lock_timeout: args.lock_timeout,
+                activate_timeout: args.activate_timeout,
+                dry_run: args.dry_run,
+            };
+            pass.run()?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn profile_from(args: &cli::ProfileArgs) -> Result<Profile> {
+    let name = args
+        .profile
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--profile is required"))?;
+    Ok(Profile::new(&args.profiles_dir, name))
+}

@@ -1,0 +1,263 @@
+//! The Nix profile hail keeps in step: where it points, and the `nix-env`
+//! calls that change it. Reading the profile never runs nix; changing it
+//! always goes through `nix-env`, whose argv is built here and only here.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::process;
+use crate::store_path::{StoreDir, StorePath};
+
+/// A profile name relative to the profiles dir, such as `web` or
+/// `hail-profiles/web`; validated so it can never escape that dir.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProfileName(String);
+
+impl ProfileName {
+    pub fn parse(name: &str) -> Result<Self, String> {
+        const RULE: &str = "a profile name is one or more '/'-separated parts of \
+                            A-Z a-z 0-9 . _ + -, relative to the profiles dir (e.g. web or hail-profiles/web)";
+        if name.is_empty() {
+            return Err(format!("the profile name is empty; {RULE}"));
+        }
+        if name.starts_with('/') {
+            return Err(format!("{name:?} is absolute; {RULE}"));
+        }
+        if let Some(bad) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "._+-/".contains(*c)))
+        {
+            return Err(format!("{name:?} contains {bad:?}; {RULE}"));
+        }
+        if name.split('/').any(|part| matches!(part, "" | "." | "..")) {
+            return Err(format!("{name:?} has an empty, '.' or '..' part; {RULE}"));
+        }
+        Ok(Self(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A flat file name for per-profile files in the state dir
+    /// (`hail-profiles/web` → `hail-profiles%2Fweb`); '%' is not allowed in
+    /// names, so this is reversible and collision-free.
+    pub fn file_stem(&self) -> String {
+        self.0.replace('/', "%2F")
+    }
+}
+
+impl fmt::Display for ProfileName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A profile at `PROFILES_DIR/NAME`, with generations `NAME-N-link` beside it.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: ProfileName,
+    path: PathBuf,
+}
+
+impl Profile {
+    pub fn new(profiles_dir: &Path, name: ProfileName) -> Self {
+        let path = profiles_dir.join(name.as_str());
+        Self { name, path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn activate_script(&self) -> PathBuf {
+        self.path.join("bin/activate")
+    }
+
+    /// Whether the profile exists (as a link; its target need not).
+    pub fn exists(&self) -> bool {
+        self.path.symlink_metadata().is_ok()
+    }
+
+    /// The store path the profile resolves to (profile → generation link →
+    /// store path), or `None` if there is no profile yet. Runs no nix.
+    pub fn current_target(&self, store: &StoreDir) -> Result<Option<StorePath>> {
+        const MAX_LINKS: usize = 40;
+        let mut at = self.path.clone();
+        for _ in 0..MAX_LINKS {
+            if let Ok(store_path) = store.parse(&at.to_string_lossy()) {
+                return Ok(Some(store_path));
+            }
+            let target = match at.read_link() {
+                Ok(target) => target,
+                Err(err) if err.kind() == io::ErrorKind::NotFound && at == self.path => {
+                    return Ok(None);
+                }
+                Err(err) if err.kind() == io::ErrorKind::InvalidInput => bail!(
+                    "profile {} resolves to {}, which is neither a symlink nor a path in {}; \
+                     move it away so that hail can manage the profile",
+                    self.path.display(),
+                    at.display(),
+                    store.path().display()
+                ),
+                Err(err) => {
+                    return Err(err)
+                        .with_context(|| format!("cannot read profile link {}", at.display()));
+                }
+            };
+            at = match at.parent() {
+                Some(parent) if target.is_relative() => parent.join(target),
+                _ => target,
+            };
+        }
+        bail!(
+            "profile {} has more than {MAX_LINKS} levels of symlinks",
+            self.path.display()
+        )
+    }
+
+    /// Switches the profile to `store_path` as a new generation, substituting
+    /// the path first as nix.conf says. On failure the profile is unchanged.
+    pub fn switch_to(&self, store_path: &StorePath) -> Result<()> {
+        if let Some(parent) = self.path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create profiles dir {}", parent.display()))?;
+        }
+        process::run(nix_env_set(&self.path, store_path)).with_context(|| {
+            format!(
+                "could not switch profile {} to {store_path}",
+                self.path.display()
+            )
+        })
+    }
+
+    /// Generation numbers of this profile, oldest first, from the links
+    /// `NAME-N-link` beside it.
+    pub fn generations(&self) -> Result<Vec<u64>> {
+        let (Some(dir), Some(base)) = (self.path.parent(), self.path.file_name()) else {
+            return Ok(Vec::new());
+        };
+        let prefix = format!("{}-", base.to_string_lossy());
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => {
+                return Err(err).with_context(|| format!("cannot list {}", dir.display()));
+            }
+        };
+        let mut generations: Vec<u64> = entries
+            .filter_map(|entry| entry.ok())
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                name.strip_prefix(&prefix)?
+                    .strip_suffix("-link")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        generations.sort_unstable();
+        Ok(generations)
+    }
+
+    /// The generation the profile points at, if it points at one.
+    pub fn current_generation(&self) -> Option<u64> {
+        let target = self.path.read_link().ok()?;
+        let base = self.path.file_name()?.to_string_lossy().into_owned();
+        target
+            .file_name()?
+            .to_str()?
+            .strip_prefix(&format!("{base}-"))?
+            .strip_suffix("-link")?
+            .parse()
+            .ok()
+    }
+}
+
+/// `nix-env --profile PROFILE --set STORE_PATH`: one atomic switch to a new
+/// generation. The store path is a validated argument, never shell text.
+pub fn nix_env_set(profile: &Path, store_path: &StorePath) -> Command {
+    nix_env(
+        profile,
+        [OsString::from("--set"), store_path.as_str().into()],
+    )
+}
+
+fn nix_env<I: IntoIterator<Item = OsString>>(profile: &Path, args: I) -> Command {
+    let mut cmd = Command::new("nix-env");
+    cmd.arg("--profile").arg(profile).args(args);
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(cmd: &Command) -> Vec<String> {
+        std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn profile_names() {
+        for good in ["web", "hail-profiles/web", "a.b_c+d-e", "x/y/z", "web.1"] {
+            assert!(ProfileName::parse(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "", "/web", "web/", "a//b", "./web", "a/./b", "..", "a/../b", "we b", "web;id", "$x",
+            "wéb", "a\nb",
+        ] {
+            assert!(ProfileName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn file_stem_is_flat() {
+        let name = ProfileName::parse("hail-profiles/web").unwrap();
+        assert_eq!(name.file_stem(), "hail-profiles%2Fweb");
+    }
+
+    #[test]
+    fn nix_env_set_argv() {
+        let store = StoreDir::new("/nix/store");
+        let path = store
+            .parse("/nix/store/0c0b5jrrfg6x7mnyl2kjkzzwhm5xhrm8-hello")
+            .unwrap();
+        assert_eq!(
+            argv(&nix_env_set(Path::new("/p/web"), &path)),
+            [
+                "nix-env",
+                "--profile",
+                "/p/web",
+                "--set",
+                "/nix/store/0c0b5jrrfg6x7mnyl2kjkzzwhm5xhrm8-hello"
+            ]
+        );
+    }
+
+    #[test]
+    fn resolves_links_without_nix() {
+        let dir = std::env::temp_dir().join(format!("hail-profile-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = StoreDir::new("/nix/store");
+        let profile = Profile::new(&dir, ProfileName::parse("web").unwrap());
+        assert_eq!(profile.current_target(&store).unwrap(), None);
+        let target = "/nix/store/0c0b5jrrfg6x7mnyl2kjkzzwhm5xhrm8-hello";
+        std::os::unix::fs::symlink(target, dir.join("web-7-link")).unwrap();
+        std::os::unix::fs::symlink("web-7-link", dir.join("web")).unwrap();
+        assert_eq!(
+            profile.current_target(&store).unwrap().unwrap().as_str(),
+            target
+        );
+        assert_eq!(profile.current_generation(), Some(7));
+        assert_eq!(profile.generations().unwrap(), vec![7]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
