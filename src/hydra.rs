@@ -461,10 +461,9 @@ pub fn parse_build(
         json.get(name)
             .ok_or_else(|| anyhow!("it has no {name:?} field"))
     };
-    let obj = json
-        .as_object()
-        .ok_or_else(|| anyhow!("it is not a JSON object: {}", quote(json)))?;
-    let _ = obj;
+    if !json.is_object() {
+        bail!("it is not a JSON object: {}", quote(json));
+    }
     let id = field("id")?;
     if id.as_u64() != Some(expected_id) {
         bail!("its id is {}, not {expected_id}", quote(id));
@@ -711,7 +710,8 @@ mod tests {
     #[test]
     fn rejects_what_cannot_be_deployed() {
         let store = StoreDir::new("/nix/store");
-        let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("not 5", Box::new(|_| {})),
             ("finished", Box::new(|b| b["finished"] = Value::Bool(true))),
             ("not finished", Box::new(|b| b["finished"] = 0.into())),

@@ -1,0 +1,224 @@
+//! Shared test helpers: a world with a Hydra stand-in, a signed binary cache,
+//! temporary profiles and state dirs, and the real hail binary.
+
+#![allow(dead_code)] // Not every test module uses every helper.
+
+pub mod cache;
+pub mod hydra;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use cache::Cache;
+use hydra::Hydra;
+use tempfile::TempDir;
+
+/// No hail run in a test may take longer than this.
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+
+pub const PROFILE: &str = "web";
+pub const JOB: &str = "agent";
+
+/// An activate script that records what it saw, one line per run.
+pub fn recording_activate(label: &str, extra: &str) -> String {
+    format!(
+        "#!/bin/sh\n\
+         echo \"label={label} build=$HAIL_BUILD_ID store=$HAIL_STORE_PATH previous=$HAIL_PREVIOUS_STORE_PATH profile=$HAIL_PROFILE cwd=$(pwd)\" >> \"$HAIL_TEST_RECORD\"\n\
+         {extra}\n"
+    )
+}
+
+pub struct World {
+    pub tmp: TempDir,
+    pub hydra: Hydra,
+    pub cache: Cache,
+}
+
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl From<Output> for Run {
+    fn from(output: Output) -> Self {
+        Self {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+impl World {
+    pub fn new() -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("hail-test-")
+            .tempdir()
+            .expect("temp dir");
+        let hydra = Hydra::start();
+        let cache = Cache::new(tmp.path());
+        hydra.serve_cache(cache.dir.clone());
+        std::fs::write(tmp.path().join("record"), "").expect("record file");
+        Self { tmp, hydra, cache }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    pub fn profiles_dir(&self) -> PathBuf {
+        self.path("profiles")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    /// Builds a profile with a recording activate (plus `extra` shell),
+    /// publishes it signed, and makes it Hydra's latest successful build.
+    pub fn publish_with(&self, label: &str, extra: &str) -> (u64, String) {
+        let path = self.cache.build(label, &recording_activate(label, extra));
+        self.cache.publish(&path);
+        let id = self.hydra.add_build(JOB, &path, Some(0));
+        (id, path)
+    }
+
+    pub fn publish(&self, label: &str) -> (u64, String) {
+        self.publish_with(label, "")
+    }
+
+    /// The hail binary, with a clean environment for this world: the profile,
+    /// the job URI, temporary dirs, and nix configured for the stand-in's cache.
+    pub fn hail(&self) -> Command {
+        let mut cmd = self.bare_hail();
+        cmd.args(["--oneshot", "--profile", PROFILE, "--job-uri"])
+            .arg(self.hydra.job_uri(JOB))
+            .arg("--profiles-dir")
+            .arg(self.profiles_dir())
+            .arg("--state-dir")
+            .arg(self.state_dir());
+        cmd
+    }
+
+    /// The hail binary with this world's environment but no arguments.
+    pub fn bare_hail(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hail"));
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("HAIL_")
+                || [
+                    "NOTIFY_SOCKET",
+                    "JOURNAL_STREAM",
+                    "INVOCATION_ID",
+                    "STATE_DIRECTORY",
+                    "NIX_REMOTE",
+                ]
+                .contains(&key.as_ref())
+            {
+                cmd.env_remove(key.as_ref());
+            }
+        }
+        cmd.env(
+            "NIX_CONFIG",
+            self.cache.client_nix_config(&self.hydra.origin()),
+        )
+        .env("HAIL_TEST_RECORD", self.path("record"))
+        .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs a command to completion (bounded), capturing its output.
+    pub fn run(&self, cmd: Command) -> Run {
+        run_bounded(cmd)
+    }
+
+    /// Runs hail with these extra arguments.
+    pub fn pass(&self, extra: &[&str]) -> Run {
+        let mut cmd = self.hail();
+        cmd.args(extra);
+        self.run(cmd)
+    }
+
+    pub fn profile_path(&self) -> PathBuf {
+        self.profiles_dir().join(PROFILE)
+    }
+
+    /// Where the profile points, fully resolved; `None` if there is no profile.
+    pub fn profile_target(&self) -> Option<String> {
+        std::fs::canonicalize(self.profile_path())
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
+    /// The profile's generation numbers, from its `web-N-link` links.
+    pub fn generations(&self) -> Vec<u64> {
+        let prefix = format!("{PROFILE}-");
+        let mut gens: Vec<u64> = std::fs::read_dir(self.profiles_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix(&prefix)?
+                    .strip_suffix("-link")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        gens.sort_unstable();
+        gens
+    }
+
+    /// One line per activate run, as the recording activate wrote them.
+    pub fn activations(&self) -> Vec<String> {
+        std::fs::read_to_string(self.path("record"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+pub fn run_bounded(mut cmd: Command) -> Run {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(RUN_LIMIT) {
+        Ok(output) => output.expect("collect output").into(),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("{cmd:?} ran longer than {RUN_LIMIT:?}");
+        }
+    }
+}
+
+/// Asserts `run` exited with `code`, showing its output otherwise.
+#[track_caller]
+pub fn assert_exit(run: &Run, code: i32) {
+    assert_eq!(run.code, Some(code), "unexpected exit status:\n{run:?}");
+}
+
+pub fn exists(path: &Path) -> bool {
+    path.symlink_metadata().is_ok()
+}

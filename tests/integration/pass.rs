@@ -1,0 +1,572 @@
+//! One pass against the Hydra stand-in, with real Nix switching real
+//! profiles in a temporary profiles dir and a real signed binary cache.
+
+use crate::common::hydra::{Bystander, Fault};
+use crate::common::{JOB, World, assert_exit, exists};
+
+/// The pass did nothing: no profile, no generation, no activation, no state.
+#[track_caller]
+fn assert_untouched(world: &World) {
+    assert_eq!(world.profile_target(), None);
+    assert!(
+        world.generations().is_empty(),
+        "generations: {:?}",
+        world.generations()
+    );
+    assert!(
+        world.activations().is_empty(),
+        "activations: {:?}",
+        world.activations()
+    );
+}
+
+fn narinfo_requests(world: &World) -> usize {
+    world
+        .hydra
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with(".narinfo"))
+        .count()
+}
+
+#[test]
+fn first_deploy_switches_and_activates() {
+    let world = World::new();
+    let (id, path) = world.publish("a");
+    let run = world.pass(&[]);
+    assert_exit(&run, 0);
+    assert_eq!(world.profile_target().as_deref(), Some(path.as_str()));
+    assert_eq!(world.generations(), [1]);
+    assert_eq!(
+        world.activations(),
+        [format!(
+            "label=a build={id} store={path} previous= profile=web cwd=/"
+        )]
+    );
+    let api = world.hydra.api_requests();
+    let paths: Vec<&str> = api.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            format!("/job/hail/main/{JOB}/latest"),
+            format!("/build/{id}")
+        ]
+    );
+    for request in &api {
+        assert_eq!(
+            request.header("Accept"),
+            Some("application/json"),
+            "{request:?}"
+        );
+    }
+    // nix-env substituted it from the stand-in's cache.
+    assert!(narinfo_requests(&world) >= 1);
+}
+
+#[test]
+fn no_change_is_one_exchange_and_no_nix() {
+    let world = World::new();
+    let (id, path) = world.publish("a");
+    assert_exit(&world.pass(&[]), 0);
+    let before = world.hydra.requests().len();
+
+    let run = world.pass(&[]);
+    assert_exit(&run, 0);
+    assert!(run.stderr.contains("up to date"), "{run:?}");
+    assert_eq!(world.profile_target().as_deref(), Some(path.as_str()));
+    assert_eq!(world.generations(), [1]);
+    assert_eq!(world.activations().len(), 1, "activate ran again");
+    let after: Vec<String> = world.hydra.requests()[before..]
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        after,
+        [
+            format!("/job/hail/main/{JOB}/latest"),
+            format!("/build/{id}")
+        ]
+    );
+}
+
+#[test]
+fn newer_build_becomes_a_new_generation() {
+    let world = World::new();
+    let (_, a) = world.publish("a");
+    assert_exit(&world.pass(&[]), 0);
+    let (id_b, b) = world.publish("b");
+    let run = world.pass(&[]);
+    assert_exit(&run, 0);
+    assert_eq!(world.profile_target().as_deref(), Some(b.as_str()));
+    assert_eq!(world.generations(), [1, 2]);
+    let activations = world.activations();
+    assert_eq!(activations.len(), 2);
+    assert_eq!(
+        activations[1],
+        format!("label=b build={id_b} store={b} previous={a} profile=web cwd=/")
+    );
+}
+
+#[test]
+fn dry_run_says_what_and_changes_nothing() {
+    let world = World::new();
+    let (id, path) = world.publish("a");
+    let run = world.pass(&["--dry-run"]);
+    assert_exit(&run, 0);
+    assert!(
+        run.stdout
+            .contains(&format!("would deploy build {id} {path}")),
+        "{run:?}"
+    );
+    assert_untouched(&world);
+    assert!(!exists(&world.state_dir()));
+    assert_eq!(narinfo_requests(&world), 0);
+}
+
+#[test]
+fn boot_activation_with_and_without_a_profile() {
+    let world = World::new();
+    let activate = |world: &World| {
+        let mut cmd = world.bare_hail();
+        cmd.args(["activate", "--profile", "web", "--profiles-dir"])
+            .arg(world.profiles_dir());
+        world.run(cmd)
+    };
+    let run = activate(&world);
+    assert_exit(&run, 0);
+    assert!(run.stderr.contains("does not exist"), "{run:?}");
+    assert_untouched(&world);
+
+    let (id, path) = world.publish("a");
+    assert_exit(&world.pass(&[]), 0);
+    let run = activate(&world);
+    assert_exit(&run, 0);
+    let activations = world.activations();
+    assert_eq!(activations.len(), 2);
+    assert_eq!(
+        activations[0],
+        format!("label=a build={id} store={path} previous= profile=web cwd=/")
+    );
+    assert_eq!(
+        activations[1],
+        format!("label=a build= store={path} previous= profile=web cwd=/")
+    );
+    assert_eq!(world.generations(), [1]);
+}
+
+#[test]
+fn failing_boot_activation_exits_3() {
+    let world = World::new();
+    world.publish_with(
+        "a",
+        "[ -n \"$HAIL_BUILD_ID\" ] || { echo boot activation broke >&2; exit 4; }",
+    );
+    assert_exit(&world.pass(&[]), 0);
+    let mut cmd = world.bare_hail();
+    cmd.args(["activate", "--profile", "web", "--profiles-dir"])
+        .arg(world.profiles_dir());
+    let run = world.run(cmd);
+    assert_exit(&run, 3);
+    assert!(run.stderr.contains("boot activation broke"), "{run:?}");
+}
+
+#[test]
+fn html_instead_of_json_is_reported() {
+    // A proxy that drops the Accept header makes Hydra answer with HTML.
+    let world = World::new();
+    let (id, _) = world.publish("a");
+    world.hydra.fault(
+        &format!("/build/{id}"),
+        Fault::Respond(
+            200,
+            "text/html; charset=utf-8",
+            b"<html><body>Build 1</body></html>".to_vec(),
+        ),
+    );
+    let run = world.pass(&[]);
+    assert_exit(&run, 1);
+    assert!(run.stderr.contains("HTML instead of JSON"), "{run:?}");
+    assert_untouched(&world);
+}
+
+#[test]
+fn no_successful_build_reports_hydras_message() {
+    let world = World::new();
+    world.hydra.add_build(
+        JOB,
+        "/nix/store/ywd0s510ywbfhczmgis9ywb3y0q8xcwn-x",
+        Some(1),
+    );
+    let run = world.pass(&[]);
+    assert_exit(&run, 1);
+    assert!(
+        run.stderr
+            .contains("There is no successful build to redirect to."),
+        "{run:?}"
+    );
+    assert_untouched(&world);
+
+    let mut cmd = world.bare_hail();
+    cmd.args(["--profile", "web", "--profiles-dir"])
+        .arg(world.profiles_dir())
+        .arg("--state-dir")
+        .arg(world.state_dir())
+        .arg("--job-uri")
+        .arg(format!("{}/job/hail/nosuch/{JOB}", world.hydra.origin()));
+    let run = world.run(cmd);
+    assert_exit(&run, 1);
+    assert!(
+        run.stderr
+            .contains("Jobset \u{2018}nosuch\u{2019} doesn't exist."),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn hydra_down() {
+    let world = World::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = world.bare_hail();
+    cmd.args(["--profile", "web", "--profiles-dir"])
+        .arg(world.profiles_dir())
+        .arg("--state-dir")
+        .arg(world.state_dir())
+        .arg("--job-uri")
+        .arg(format!("http://127.0.0.1:{port}/job/hail/main/{JOB}"));
+    let run = world.run(cmd);
+    assert_exit(&run, 1);
+    assert!(run.stderr.contains("connection refused"), "{run:?}");
+    assert_untouched(&world);
+}
+
+#[test]
+fn hanging_hydra_times_out() {
+    let world = World::new();
+    world.publish("a");
+    world.hydra.fault("/latest", Fault::Hang);
+    let started = std::time::Instant::now();
+    let run = world.pass(&["--timeout", "1"]);
+    assert_exit(&run, 1);
+    assert!(run.stderr.contains("did not answer"), "{run:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "--timeout was not honoured"
+    );
+    assert_untouched(&world);
+}
+
+#[test]
+fn broken_answers_are_errors_that_change_nothing() {
+    let html_502 =
+        b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>".to_vec();
+    let cases: Vec<(&str, Fault, &str)> = vec![
+        (
+            "latest",
+            Fault::Respond(502, "text/html", html_502.clone()),
+            "502 Bad Gateway",
+        ),
+        (
+            "build",
+            Fault::Respond(502, "text/html", html_502),
+            "502 Bad Gateway",
+        ),
+        (
+            "build",
+            Fault::Respond(200, "application/json", b"\x00garbage{{".to_vec()),
+            "not valid JSON",
+        ),
+        (
+            "build",
+            Fault::Respond(
+                200,
+                "application/json",
+                br#"{"id":1,"finished":1,"#.to_vec(),
+            ),
+            "not valid JSON",
+        ),
+        (
+            "build",
+            Fault::Truncate(br#"{"id":1,"finished":1,"#.to_vec()),
+            "broke off",
+        ),
+        (
+            "build",
+            Fault::Respond(200, "application/json", vec![b' '; 2 * 1024 * 1024]),
+            "larger than",
+        ),
+        (
+            "latest",
+            Fault::Redirect("http://127.0.0.1:1/eval/3?name=main".into()),
+            "not a Hydra build URL",
+        ),
+        (
+            "latest",
+            Fault::Respond(301, "text/html", Vec::new()),
+            "has moved",
+        ),
+        (
+            "latest",
+            Fault::Respond(
+                403,
+                "application/json",
+                br#"{"error":"This page requires you to sign in."}"#.to_vec(),
+            ),
+            "requires you to sign in",
+        ),
+    ];
+    for (target, fault, expected) in cases {
+        let world = World::new();
+        let (id, _) = world.publish("a");
+        let suffix = if target == "latest" {
+            "/latest".to_string()
+        } else {
+            format!("/build/{id}")
+        };
+        world.hydra.fault(&suffix, fault.clone());
+        let run = world.pass(&[]);
+        assert_exit(&run, 1);
+        assert!(
+            run.stderr.contains(expected),
+            "{fault:?}: expected {expected:?} in {run:?}"
+        );
+        assert_eq!(
+            run.stderr.lines().filter(|l| l.contains("error")).count(),
+            1,
+            "one error line: {run:?}"
+        );
+        assert_untouched(&world);
+    }
+}
+
+#[test]
+fn unfinished_and_failed_builds_are_not_deployed() {
+    for (status, expected) in [
+        (None, "has not finished"),
+        (Some(1), "buildstatus 1 (failed)"),
+    ] {
+        let world = World::new();
+        let path = world.cache.build("a", "#!/bin/sh\n");
+        world.cache.publish(&path);
+        let id = world.hydra.add_build(JOB, &path, status);
+        world.hydra.fault(
+            "/latest",
+            Fault::Redirect(format!("{}/build/{id}", world.hydra.origin())),
+        );
+        let run = world.pass(&[]);
+        assert_exit(&run, 1);
+        assert!(run.stderr.contains(expected), "{run:?}");
+        assert_untouched(&world);
+    }
+}
+
+#[test]
+fn malformed_store_paths_are_refused_before_anything_runs() {
+    let world = World::new();
+    let marker = world.path("pwned");
+    let hash = "ywd0s510ywbfhczmgis9ywb3y0q8xcwn";
+    let evil = [
+        "/nix/store/../../tmp".to_string(),
+        format!("/nix/store/{hash}-x/../../../tmp"),
+        format!("/nix/store/{hash}-x;touch {}", marker.display()),
+        format!("/nix/store/{hash}-$(touch {})", marker.display()),
+        format!("/nix/store/{hash}-x`touch {}`", marker.display()),
+        format!("/nix/store/{hash}-x\ntouch {}", marker.display()),
+        format!("{}", world.path("elsewhere").display()),
+        "/nix/store/tooshort-x".to_string(),
+    ];
+    for path in evil {
+        let id = world.hydra.add_build(JOB, &path, Some(0));
+        let run = world.pass(&[]);
+        assert_exit(&run, 1);
+        assert!(run.stderr.contains(&format!("build {id}")), "{run:?}");
+        assert!(
+            run.stderr.contains("not a valid store path"),
+            "{path:?}: {run:?}"
+        );
+        assert!(!exists(&marker), "something was executed");
+        assert_untouched(&world);
+        assert_eq!(narinfo_requests(&world), 0, "nix was asked about {path:?}");
+    }
+}
+
+#[test]
+fn redirect_to_another_host_fetches_from_the_job_uri() {
+    let world = World::new();
+    let other = Bystander::start();
+    world
+        .hydra
+        .location_origin(&format!("http://{}", other.addr));
+    world.hydra.require_basic_auth("ci", "s3cret");
+    let netrc = world.path("netrc");
+    std::fs::write(&netrc, "machine 127.0.0.1 login ci password s3cret\n").unwrap();
+    std::fs::set_permissions(&netrc, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (id, path) = world.publish("a");
+    let mut cmd = world.hail();
+    cmd.arg("--netrc-file").arg(&netrc);
+    // nix reads its own netrc for the cache behind the same proxy.
+    let nix_config = format!(
+        "{}netrc-file = {}\n",
+        world.cache.client_nix_config(&world.hydra.origin()),
+        netrc.display()
+    );
+    cmd.env("NIX_CONFIG", nix_config);
+    let run = world.run(cmd);
+    assert_exit(&run, 0);
+    assert!(
+        run.stderr.contains("not on the job URI's origin"),
+        "{run:?}"
+    );
+    assert_eq!(world.profile_target().as_deref(), Some(path.as_str()));
+    assert!(
+        other.connections().is_empty(),
+        "the other host was contacted: {:?}",
+        other.connections()
+    );
+    let build = world
+        .hydra
+        .api_requests()
+        .into_iter()
+        .find(|r| r.path == format!("/build/{id}"));
+    assert!(build.is_some_and(|r| r.header("Authorization").is_some()));
+    assert!(!run.stderr.contains("s3cret"));
+}
+
+#[test]
+fn basic_auth_from_netrc() {
+    let world = World::new();
+    world.hydra.require_basic_auth("ci", "s3cret");
+    let (_, path) = world.publish("a");
+
+    let run = world.pass(&[]);
+    assert_exit(&run, 1);
+    assert!(run.stderr.contains("requires credentials"), "{run:?}");
+    assert_untouched(&world);
+
+    let netrc = world.path("netrc");
+    std::fs::write(&netrc, "machine 127.0.0.1\n  login ci\n  password wrong\n").unwrap();
+    let run = world.pass(&["--netrc-file", netrc.to_str().unwrap()]);
+    assert_exit(&run, 1);
+    assert!(run.stderr.contains("was refused"), "{run:?}");
+    assert!(
+        run.stderr.contains("readable by group or others"),
+        "{run:?}"
+    );
+    assert!(
+        !run.stderr.contains("wrong"),
+        "the password was logged: {run:?}"
+    );
+
+    std::fs::write(&netrc, "machine 127.0.0.1 login ci password s3cret\n").unwrap();
+    std::fs::set_permissions(&netrc, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut cmd = world.hail();
+    cmd.env("HAIL_NETRC_FILE", &netrc).env(
+        "NIX_CONFIG",
+        format!(
+            "{}netrc-file = {}\n",
+            world.cache.client_nix_config(&world.hydra.origin()),
+            netrc.display()
+        ),
+    );
+    let run = world.run(cmd);
+    assert_exit(&run, 0);
+    assert!(!run.stderr.contains("readable by group"), "{run:?}");
+    assert_eq!(world.profile_target().as_deref(), Some(path.as_str()));
+
+    let run = world.pass(&["--netrc-file", world.path("missing").to_str().unwrap()]);
+    assert_exit(&run, 1);
+    assert!(run.stderr.contains("cannot read netrc file"), "{run:?}");
+}
+
+#[test]
+fn usage_errors_exit_2_and_create_nothing() {
+    let world = World::new();
+    world.publish("a");
+    let job = world.hydra.job_uri(JOB);
+    for (args, expected) in [
+        (vec!["--profile", "../etc", "--job-uri", &job], "'..' part"),
+        (vec!["--profile", "/abs", "--job-uri", &job], "absolute"),
+        (vec!["--profile", "we b", "--job-uri", &job], "contains"),
+        (vec!["--profile", "", "--job-uri", &job], "empty"),
+        (
+            vec!["--profile", "web", "--job-uri", &job, "--poll-period", "60"],
+            "hail@PROFILE.timer",
+        ),
+        (
+            vec![
+                "--profile",
+                "web",
+                "--job-uri",
+                "https://hydra.example.org/project/x",
+            ],
+            "/job/PROJECT/JOBSET/JOB",
+        ),
+        (vec!["--job-uri", &job], "--profile"),
+    ] {
+        let mut cmd = world.bare_hail();
+        cmd.args(&args)
+            .arg("--profiles-dir")
+            .arg(world.profiles_dir())
+            .arg("--state-dir")
+            .arg(world.state_dir());
+        let run = world.run(cmd);
+        assert_exit(&run, 2);
+        assert!(run.stderr.contains(expected), "{args:?}: {run:?}");
+        assert!(
+            !exists(&world.profiles_dir()) && !exists(&world.state_dir()),
+            "{args:?} created files"
+        );
+        assert!(world.hydra.requests().is_empty());
+    }
+}
+
+#[test]
+fn profile_names_with_slashes_get_their_folders() {
+    let world = World::new();
+    let (_, path) = world.publish("a");
+    let mut cmd = world.bare_hail();
+    cmd.args(["--profile", "hail-profiles/web", "--profiles-dir"])
+        .arg(world.profiles_dir())
+        .arg("--state-dir")
+        .arg(world.state_dir())
+        .arg("--job-uri")
+        .arg(world.hydra.job_uri(JOB));
+    assert_exit(&world.run(cmd), 0);
+    let target = std::fs::canonicalize(world.profiles_dir().join("hail-profiles/web")).unwrap();
+    assert_eq!(target.to_str(), Some(path.as_str()));
+}
+
+#[test]
+fn path_missing_from_the_cache_changes_nothing() {
+    let world = World::new();
+    let (_, a) = world.publish("a");
+    assert_exit(&world.pass(&[]), 0);
+    let missing = world.cache.build("b", "#!/bin/sh\n");
+    world.hydra.add_build(JOB, &missing, Some(0));
+    let run = world.pass(&[]);
+    assert_exit(&run, 1);
+    assert!(run.stderr.contains("nix-env"), "{run:?}");
+    assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
+    assert_eq!(world.generations(), [1]);
+    assert_eq!(world.activations().len(), 1);
+}
+
+#[test]
+fn concurrent_passes_deploy_once() {
+    let world = World::new();
+    let (_, path) = world.publish_with("a", "sleep 1");
+    let runs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2).map(|_| s.spawn(|| world.pass(&[]))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for run in &runs {
+        assert_exit(run, 0);
+    }
+    assert_eq!(world.profile_target().as_deref(), Some(path.as_str()));
+    assert_eq!(world.generations(), [1]);
+    assert_eq!(world.activations().len(), 1);
+    assert!(runs.iter().any(|r| r.stderr.contains("up to date")));
+}
