@@ -1,5 +1,14 @@
 //! Running a profile's `bin/activate`: in its own process group, with a
 //! deadline, and with the tail of its stderr kept for the error message.
+//!
+//! Under systemd (hail runs in a unit: `INVOCATION_ID` is set) activate runs
+//! in a transient unit of its own, `hail-activation-PROFILE.service`, through
+//! `systemd-run --wait`. An activate script may restart services, hail's own
+//! units included (a manager profile does exactly that); stopping
+//! `hail@PROFILE.service` then ends hail, not the activation, which finishes
+//! in its own cgroup. The next pass sees the activation still marked pending
+//! and runs it again (activate scripts are idempotent by contract). The fixed
+//! unit name also keeps two activations of one profile from overlapping.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
@@ -12,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::process;
+use crate::profile::ProfileName;
 
 /// Lines of activate's stderr quoted when it fails.
 const STDERR_TAIL_LINES: usize = 10;
@@ -39,15 +49,74 @@ pub struct ActivationFailure {
     pub stderr_tail: Option<String>,
 }
 
+/// How activate is started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Runner {
+    /// A child of hail in its own process group.
+    Direct,
+    /// A transient systemd unit with this name, via `systemd-run --wait`.
+    TransientUnit(String),
+}
+
+impl Runner {
+    /// A transient unit when hail itself runs under systemd and
+    /// `systemd-run` is on PATH; a direct child otherwise.
+    pub fn detect(profile: &ProfileName) -> Self {
+        let under_systemd = std::env::var_os("INVOCATION_ID").is_some_and(|id| !id.is_empty());
+        if under_systemd && on_path("systemd-run") {
+            Self::TransientUnit(transient_unit_name(profile))
+        } else {
+            Self::Direct
+        }
+    }
+}
+
+/// `hail-activation-PROFILE.service`, PROFILE escaped as `systemd-escape` would.
+pub fn transient_unit_name(profile: &ProfileName) -> String {
+    let mut escaped = String::new();
+    for (i, byte) in profile.as_str().bytes().enumerate() {
+        match byte {
+            b'/' => escaped.push('-'),
+            b'.' if i == 0 => escaped.push_str("\\x2e"),
+            b if b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b':' => {
+                escaped.push(char::from(b));
+            }
+            b => escaped.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    format!("hail-activation-{escaped}.service")
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
 /// Runs `PROFILE/bin/activate` with working directory `/`, hail's own
 /// environment plus `env`, stdin closed; its stdout and stderr pass through
-/// to hail's stderr (the journal, under systemd).
-pub fn run(profile: &Path, env: &[(&str, &str)], timeout: Duration) -> Result<Activation> {
+/// to hail's stderr (the journal, under systemd), or go to the transient
+/// unit's journal.
+pub fn run(
+    profile: &Path,
+    runner: &Runner,
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<Activation> {
     let script = profile.join("bin/activate");
     if !script.exists() {
         return Ok(Activation::NoScript);
     }
-    let mut cmd = activate_command(&script, env);
+    let (mut cmd, wait) = match runner {
+        Runner::Direct => (activate_command(&script, env), timeout),
+        // systemd enforces the timeout on the unit (RuntimeMaxSec); hail's own
+        // deadline is only a backstop for a systemd-run that hangs.
+        Runner::TransientUnit(unit) => (
+            systemd_run_command(unit, &script, env, inherited_env(), timeout),
+            timeout + KILL_GRACE * 6,
+        ),
+    };
+    let started = crate::state::now();
+    let timeout = wait;
     let shown = process::display(&cmd);
     let mut child = cmd.spawn().with_context(|| format!("cannot run {shown}"))?;
     let pid = child.id();
@@ -100,6 +169,10 @@ pub fn run(profile: &Path, env: &[(&str, &str)], timeout: Duration) -> Result<Ac
     if status.success() && !timed_out {
         return Ok(Activation::Succeeded);
     }
+    let mut tail = tail;
+    if let Runner::TransientUnit(unit) = runner {
+        tail.extend(journal_tail(unit, started));
+    }
     let how = if timed_out {
         format!("timed out after {} s", timeout.as_secs())
     } else {
@@ -124,6 +197,84 @@ pub fn activate_command(script: &Path, env: &[(&str, &str)]) -> Command {
         .stderr(Stdio::piped())
         .process_group(0);
     cmd
+}
+
+/// `systemd-run --wait` for activate in the transient unit `unit`: working
+/// directory `/`, hail's environment (`inherit`, by name) plus `env`, and
+/// systemd's own timeout, which ends the unit's whole cgroup.
+pub fn systemd_run_command(
+    unit: &str,
+    script: &Path,
+    env: &[(&str, &str)],
+    inherit: impl IntoIterator<Item = String>,
+    timeout: Duration,
+) -> Command {
+    let mut cmd = Command::new("systemd-run");
+    cmd.arg(format!("--unit={unit}"))
+        .args([
+            "--wait",
+            "--collect",
+            "--service-type=exec",
+            "--no-ask-password",
+        ])
+        .arg("--description=hail activation")
+        .arg("--working-directory=/")
+        .arg(format!(
+            "--property=RuntimeMaxSec={}ms",
+            timeout.as_millis()
+        ))
+        .args(inherit.into_iter().map(|name| format!("--setenv={name}")))
+        .args(env.iter().map(|(k, v)| format!("--setenv={k}={v}")))
+        .arg("--")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Names of hail's environment variables that activate inherits, less
+/// those systemd sets for hail's own unit.
+fn inherited_env() -> Vec<String> {
+    const UNIT_ONLY: &[&str] = &[
+        "INVOCATION_ID",
+        "NOTIFY_SOCKET",
+        "JOURNAL_STREAM",
+        "MAINPID",
+        "SYSTEMD_EXEC_PID",
+        "MANAGERPID",
+        "WATCHDOG_PID",
+        "WATCHDOG_USEC",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+        "TRIGGER_UNIT",
+        "TRIGGER_TIMER_REALTIME_USEC",
+        "TRIGGER_TIMER_MONOTONIC_USEC",
+    ];
+    std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| !UNIT_ONLY.contains(&name.as_str()) && !name.contains('='))
+        .collect()
+}
+
+/// The last lines activate wrote to its transient unit's journal.
+fn journal_tail(unit: &str, since: u64) -> Vec<String> {
+    let output = Command::new("journalctl")
+        .arg(format!("--unit={unit}"))
+        .arg(format!("--since=@{since}"))
+        .args(["--output=cat", "--no-pager", "--quiet"])
+        .arg(format!("--lines={STDERR_TAIL_LINES}"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    match output {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Copies a child's output to our stderr line by line, keeping the last
@@ -160,5 +311,113 @@ fn kill_group(pid: u32, signal: rustix::process::Signal) {
     if let Some(pid) = pid {
         // The group may already be gone; that is what we wanted.
         let _ = rustix::process::kill_process_group(pid, signal);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(cmd: &Command) -> Vec<String> {
+        std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn transient_unit_names_are_escaped() {
+        let name = |p: &str| transient_unit_name(&ProfileName::parse(p).unwrap());
+        assert_eq!(name("web"), "hail-activation-web.service");
+        assert_eq!(
+            name("hail-profiles/web"),
+            "hail-activation-hail\\x2dprofiles-web.service"
+        );
+        assert_eq!(name("a+b.c"), "hail-activation-a\\x2bb.c.service");
+        assert_eq!(name(".x"), "hail-activation-\\x2ex.service");
+    }
+
+    #[test]
+    fn systemd_run_argv() {
+        let cmd = systemd_run_command(
+            "hail-activation-web.service",
+            Path::new("/p/web/bin/activate"),
+            &[("HAIL_BUILD_ID", "4"), ("HAIL_PREVIOUS_STORE_PATH", "")],
+            ["PATH".to_string()],
+            Duration::from_secs(600),
+        );
+        assert_eq!(
+            argv(&cmd),
+            [
+                "systemd-run",
+                "--unit=hail-activation-web.service",
+                "--wait",
+                "--collect",
+                "--service-type=exec",
+                "--no-ask-password",
+                "--description=hail activation",
+                "--working-directory=/",
+                "--property=RuntimeMaxSec=600000ms",
+                "--setenv=PATH",
+                "--setenv=HAIL_BUILD_ID=4",
+                "--setenv=HAIL_PREVIOUS_STORE_PATH=",
+                "--",
+                "/p/web/bin/activate",
+            ]
+        );
+    }
+
+    #[test]
+    fn direct_activation_reports_failure_with_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let script = bin.join("activate");
+        std::fs::write(&script, "#!/bin/sh\necho \"cwd=$(pwd) x=$X\" >&2\nexit 3\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let outcome = run(
+            dir.path(),
+            &Runner::Direct,
+            &[("X", "y")],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        match outcome {
+            Activation::Failed(failure) => {
+                assert_eq!(failure.how, "exited with status 3");
+                assert_eq!(failure.stderr_tail.as_deref(), Some("cwd=/ x=y"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn direct_activation_times_out_and_ends_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let script = bin.join("activate");
+        let marker = dir.path().join("survived");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n(sleep 2; touch {}) &\nsleep 30\n",
+                marker.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let outcome = run(dir.path(), &Runner::Direct, &[], Duration::from_millis(300)).unwrap();
+        assert!(
+            matches!(&outcome, Activation::Failed(f) if f.how.starts_with("timed out")),
+            "{outcome:?}"
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(
+            !marker.exists(),
+            "a process activate started outlived the timeout"
+        );
     }
 }

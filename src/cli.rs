@@ -14,7 +14,8 @@ Exit status:
   0  up to date, deployed, or (--dry-run) nothing changed
   1  failed; the profile was not changed
   2  usage error
-  3  activation failed
+  3  activation failed (and was rolled back), or the latest build is one
+     whose activation failed before
 
 Scheduling is systemd's job: hail@PROFILE.timer starts hail@PROFILE.service,
 one pass per start (NixOS: services.hail.instances.<name>).";
@@ -92,6 +93,16 @@ pub struct PassArgs {
     /// Ask Hydra and say what would be deployed; change nothing.
     #[arg(long, env = "HAIL_DRY_RUN")]
     pub dry_run: bool,
+
+    /// Deploy Hydra's latest build even if its activation failed before
+    /// (failed builds are otherwise not retried while they are the latest).
+    #[arg(long, env = "HAIL_RETRY_FAILED")]
+    pub retry_failed: bool,
+
+    /// Deploy Hydra's latest build even if an operator rolled the profile
+    /// back from it (hail otherwise holds until a newer build appears).
+    #[arg(long, env = "HAIL_FORCE")]
+    pub force: bool,
 
     /// Accepted for compatibility; every run is one pass.
     #[arg(long)]

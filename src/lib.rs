@@ -17,16 +17,12 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser;
 
+use crate::activate::Runner;
 use crate::cli::{Cli, Command};
-use crate::pass::{ActivationFailed, Pass};
+use crate::pass::Pass;
 use crate::profile::Profile;
 use crate::state::StateDir;
 use crate::store_path::StoreDir;
-
-/// Exit status for failures that changed nothing.
-const EXIT_FAILED: u8 = 1;
-/// Exit status for a failed activation.
-const EXIT_ACTIVATION_FAILED: u8 = 3;
 
 /// The whole program: parse, run, print one error with its chain.
 pub fn main() -> ExitCode {
@@ -43,12 +39,7 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             log::error!("{err:#}");
-            let code = if err.chain().any(|cause| cause.is::<ActivationFailed>()) {
-                EXIT_ACTIVATION_FAILED
-            } else {
-                EXIT_FAILED
-            };
-            ExitCode::from(code)
+            ExitCode::from(pass::exit_status(&err))
         }
     }
 }
@@ -58,7 +49,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Some(Command::Activate(args)) => {
             let profile = profile_from(&args.profile)?;
-            pass::activate_existing(&profile, &store, args.activate_timeout)?;
+            let runner = Runner::detect(&profile.name);
+            pass::activate_existing(&profile, &store, &runner, args.activate_timeout)?;
         }
         None => {
             let args = cli.pass;
@@ -72,6 +64,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 .map_or(hydra::Timeouts::DEFAULT, hydra::Timeouts::total);
             let pass = Pass {
                 hydra: hydra::Client::new(job, credentials, timeouts, store.clone())?,
+                runner: Runner::detect(&profile.name),
                 profile,
                 store,
                 state: args
@@ -80,6 +73,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 lock_timeout: args.lock_timeout,
                 activate_timeout: args.activate_timeout,
                 dry_run: args.dry_run,
+                retry_failed: args.retry_failed,
+                force: args.force,
             };
             pass.run()?;
         }

@@ -1,35 +1,66 @@
 //! One pass: the only place that decides. Ask Hydra, compare with the
-//! profile, switch and activate if they differ.
+//! profile and with what hail remembers, then switch, activate, and roll back
+//! if activation fails.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::activate::{self, Activation};
+use crate::activate::{self, Activation, ActivationFailure, Runner};
 use crate::hydra::{self, Build};
 use crate::profile::Profile;
 use crate::report;
-use crate::state::StateDir;
-use crate::store_path::StoreDir;
+use crate::state::{
+    self, ActivationState, Check, Deployment, FailedBuild, Hold, LastError, Previous, State,
+    StateDir,
+};
+use crate::store_path::{StoreDir, StorePath};
+
+/// Exit status for failures that changed nothing.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit status for a failed activation (rolled back), or a failed build
+/// that is still Hydra's latest.
+pub const EXIT_ACTIVATION_FAILED: u8 = 3;
 
 pub struct Pass {
     pub hydra: hydra::Client,
     pub profile: Profile,
     pub store: StoreDir,
     pub state: StateDir,
+    pub runner: Runner,
     pub lock_timeout: Duration,
     pub activate_timeout: Duration,
     pub dry_run: bool,
+    /// Deploy a build even though its activation failed before.
+    pub retry_failed: bool,
+    /// Deploy Hydra's latest even though an operator rolled the profile back.
+    pub force: bool,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     UpToDate,
     Deployed,
+    /// An interrupted activation of the current build was run again.
+    Reactivated,
+    /// The profile was moved away from hail's deployment; hail holds off.
+    Held,
     WouldDeploy,
 }
 
-/// The pass failed at activation (exit status 3), after the profile changed.
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::UpToDate => "up-to-date",
+            Self::Deployed => "deployed",
+            Self::Reactivated => "reactivated",
+            Self::Held => "held",
+            Self::WouldDeploy => "would-deploy",
+        }
+    }
+}
+
+/// Marks an error as exit status 3: activation failed.
 #[derive(Debug)]
 pub struct ActivationFailed;
 
@@ -41,93 +72,384 @@ impl std::fmt::Display for ActivationFailed {
 
 impl std::error::Error for ActivationFailed {}
 
+/// The exit status an error stands for.
+pub fn exit_status(err: &anyhow::Error) -> u8 {
+    if err.chain().any(|cause| cause.is::<ActivationFailed>()) {
+        EXIT_ACTIVATION_FAILED
+    } else {
+        EXIT_FAILED
+    }
+}
+
 impl Pass {
     pub fn run(&self) -> Result<Outcome> {
-        // A dry run changes nothing, so it needs no lock (nor a writable state dir).
-        let _lock = if self.dry_run {
-            None
-        } else {
-            report::status("waiting for the profile lock");
-            Some(self.state.lock(&self.profile.name, self.lock_timeout)?)
-        };
+        if self.dry_run {
+            // A dry run changes nothing: no lock, no state, no nix.
+            return self.dry_run();
+        }
+        report::status("waiting for the profile lock");
+        let _lock = self.state.lock(&self.profile.name, self.lock_timeout)?;
+        let mut state = self.state.load(&self.profile.name);
+        let mut latest = None;
+        let result = self.decide(&mut state, &mut latest);
 
-        report::status(&format!("asking Hydra for {}", self.hydra.job()));
+        let at = state::now();
+        match &result {
+            Ok(outcome) => {
+                state.last_check = Some(Check {
+                    at,
+                    result: outcome.label().into(),
+                    latest_build_id: latest,
+                });
+                if *outcome != Outcome::Held {
+                    state.last_success = Some(at);
+                }
+            }
+            Err(err) => {
+                let exit_status = exit_status(err);
+                let result = if exit_status == EXIT_ACTIVATION_FAILED {
+                    "activation-failed"
+                } else {
+                    "error"
+                };
+                state.last_check = Some(Check {
+                    at,
+                    result: result.into(),
+                    latest_build_id: latest,
+                });
+                state.last_error = Some(LastError {
+                    at,
+                    message: format!("{err:#}"),
+                    exit_status,
+                });
+            }
+        }
+        if let Err(err) = self.state.save(&self.profile.name, &state) {
+            match result {
+                // The pass's own error says more; the state is secondary.
+                Err(_) => log::warn!("{err:#}"),
+                Ok(_) => return Err(err),
+            }
+        }
+        result
+    }
+
+    fn dry_run(&self) -> Result<Outcome> {
         let build = self.hydra.latest_build()?;
         let current = self.profile.current_target(&self.store)?;
+        if current.as_ref() == Some(&build.out_path) {
+            println!("up to date: build {} {}", build.id, build.out_path);
+            return Ok(Outcome::UpToDate);
+        }
+        println!(
+            "would deploy build {} {} (profile {} is at {})",
+            build.id,
+            build.out_path,
+            self.profile.path().display(),
+            current
+                .as_ref()
+                .map_or("nothing yet".into(), |c| c.to_string())
+        );
+        Ok(Outcome::WouldDeploy)
+    }
+
+    fn decide(&self, state: &mut State, latest: &mut Option<u64>) -> Result<Outcome> {
+        report::status(&format!("asking Hydra for {}", self.hydra.job()));
+        let build = self.hydra.latest_build()?;
+        *latest = Some(build.id);
+        let current = self.profile.current_target(&self.store)?;
+        let current_str = current.as_ref().map(StorePath::as_str);
+
+        // Interrupted between the switch and the end of activate (killed,
+        // power loss): the profile is at the build, activation is pending.
+        if let Some(deployed) = &state.deployed
+            && deployed.activation == ActivationState::Pending
+            && current_str == Some(deployed.store_path.as_str())
+            && deployed.store_path == build.out_path.as_str()
+        {
+            log::warn!(
+                "the activation of build {} was interrupted; running it again",
+                build.id
+            );
+            return self.activate(state, &build).map(|_| Outcome::Reactivated);
+        }
 
         if current.as_ref() == Some(&build.out_path) {
             log::info!("up to date: build {} ({})", build.id, build.out_path);
             report::status(&format!("up to date: build {}", build.id));
+            if state.deployed.as_ref().map(|d| d.store_path.as_str()) != current_str {
+                // Deployed by someone else (or hail's state was lost): adopt it.
+                state.deployed = Some(self.deployment(&build, ActivationState::Done, None));
+            }
+            state.held = None;
+            state.failed = None;
             return Ok(Outcome::UpToDate);
         }
-        if self.dry_run {
-            println!(
-                "would deploy build {} {} (profile {} is at {})",
+
+        if let Some(failed) = &state.failed
+            && failed.build_id == build.id
+            && failed.store_path == build.out_path.as_str()
+            && !self.retry_failed
+        {
+            report::status(&format!("build {} failed before; not retrying", build.id));
+            return Err(anyhow::Error::new(ActivationFailed).context(format!(
+                "build {} ({}) failed to activate {} ago ({}); it stays rolled back while it is \
+                 Hydra's latest. A newer build deploys as usual; `--retry-failed` tries this one again",
                 build.id,
                 build.out_path,
-                self.profile.path().display(),
-                current
-                    .as_ref()
-                    .map_or("nothing yet".into(), |c| c.to_string())
-            );
-            return Ok(Outcome::WouldDeploy);
+                ago(failed.at),
+                failed.reason
+            )));
         }
-        self.deploy(&build, current.as_ref().map(|c| c.as_str()).unwrap_or(""))?;
-        Ok(Outcome::Deployed)
+
+        if !self.force
+            && let Some(deployed) = &state.deployed
+        {
+            let switch_never_happened = deployed.activation == ActivationState::Pending
+                && deployed.previous.as_ref().map(|p| p.store_path.as_str()) == current_str;
+            let moved_by_hand =
+                !switch_never_happened && current_str != Some(deployed.store_path.as_str());
+            if moved_by_hand && build.id <= deployed.build_id {
+                log::warn!(
+                    "holding: profile {} points to {} instead of build {} ({}) that hail deployed; \
+                     someone rolled it back or switched generations. hail deploys again when Hydra \
+                     has a build newer than {} (or run it with --force)",
+                    self.profile.path().display(),
+                    current_str.unwrap_or("nothing"),
+                    deployed.build_id,
+                    deployed.store_path,
+                    deployed.build_id
+                );
+                report::status(&format!(
+                    "holding: build {} was rolled back by hand",
+                    deployed.build_id
+                ));
+                let since = state.held.as_ref().map_or_else(state::now, |h| h.since);
+                state.held = Some(Hold {
+                    build_id: deployed.build_id,
+                    profile_target: current_str.map(str::to_owned),
+                    since,
+                });
+                return Ok(Outcome::Held);
+            }
+        }
+
+        state.held = None;
+        self.deploy(state, &build, current)
     }
 
-    fn deploy(&self, build: &Build, previous: &str) -> Result<()> {
-        log::info!("deploying build {} ({})", build.id, build.out_path);
-        report::status(&format!("realising build {} {}", build.id, build.out_path));
-        self.profile
-            .switch_to(&build.out_path)
-            .with_context(|| format!("build {} was not deployed", build.id))?;
+    fn deployment(
+        &self,
+        build: &Build,
+        activation: ActivationState,
+        previous: Option<Previous>,
+    ) -> Deployment {
+        Deployment {
+            build_id: build.id,
+            store_path: build.out_path.to_string(),
+            generation: self.profile.current_generation(),
+            job: self.hydra.job().to_string(),
+            at: state::now(),
+            activation,
+            previous,
+        }
+    }
 
+    fn deploy(
+        &self,
+        state: &mut State,
+        build: &Build,
+        current: Option<StorePath>,
+    ) -> Result<Outcome> {
+        log::info!("deploying build {} ({})", build.id, build.out_path);
+        let previous = current.map(|path| Previous {
+            build_id: state
+                .deployed
+                .as_ref()
+                .filter(|d| d.store_path == path.as_str())
+                .map(|d| d.build_id),
+            store_path: path.to_string(),
+            generation: self.profile.current_generation(),
+        });
+        let before = state.deployed.take();
+        // Record the intent first: a pass killed after the switch finds the
+        // activation pending and finishes it.
+        let mut intent = self.deployment(build, ActivationState::Pending, previous);
+        intent.generation = None;
+        state.deployed = Some(intent);
+        self.state.save(&self.profile.name, state)?;
+
+        report::status(&format!("realising build {} {}", build.id, build.out_path));
+        if let Err(err) = self.profile.switch_to(&build.out_path) {
+            state.deployed = before;
+            return Err(err.context(format!("build {} was not deployed", build.id)));
+        }
+        if let Some(deployed) = &mut state.deployed {
+            deployed.generation = self.profile.current_generation();
+        }
+        self.state.save(&self.profile.name, state)?;
+        self.activate(state, build).map(|_| Outcome::Deployed)
+    }
+
+    /// Runs the deployed build's activate; rolls back if it fails.
+    fn activate(&self, state: &mut State, build: &Build) -> Result<()> {
         report::status(&format!("activating build {}", build.id));
         let id = build.id.to_string();
+        let previous = state
+            .deployed
+            .as_ref()
+            .and_then(|d| d.previous.as_ref())
+            .map(|p| p.store_path.clone())
+            .unwrap_or_default();
         let env = [
             ("HAIL_PROFILE", self.profile.name.as_str()),
             ("HAIL_BUILD_ID", id.as_str()),
             ("HAIL_STORE_PATH", build.out_path.as_str()),
-            ("HAIL_PREVIOUS_STORE_PATH", previous),
+            ("HAIL_PREVIOUS_STORE_PATH", previous.as_str()),
         ];
-        match activate::run(self.profile.path(), &env, self.activate_timeout)? {
-            Activation::Succeeded => {
-                log::info!("deployed build {} ({})", build.id, build.out_path);
+        let activation = activate::run(
+            self.profile.path(),
+            &self.runner,
+            &env,
+            self.activate_timeout,
+        )?;
+        match activation {
+            Activation::Succeeded | Activation::NoScript => {
+                if matches!(activation, Activation::NoScript) {
+                    log::warn!(
+                        "deployed build {} ({}), but it has no bin/activate: nothing was activated",
+                        build.id,
+                        build.out_path
+                    );
+                } else {
+                    log::info!("deployed build {} ({})", build.id, build.out_path);
+                }
+                if let Some(deployed) = &mut state.deployed {
+                    deployed.activation = ActivationState::Done;
+                }
+                state.failed = None;
                 report::status(&format!("deployed build {}", build.id));
                 Ok(())
             }
-            Activation::NoScript => {
-                log::warn!(
-                    "deployed build {} ({}), but it has no bin/activate: nothing was activated",
-                    build.id,
-                    build.out_path
-                );
-                report::status(&format!(
-                    "deployed build {} (nothing to activate)",
-                    build.id
-                ));
-                Ok(())
+            Activation::Failed(failure) => Err(self.roll_back(state, build, failure)),
+        }
+    }
+
+    /// Puts the previous generation back (or removes a profile that had
+    /// none), re-activates it, remembers the failed build, and returns the
+    /// error that ends the pass with exit status 3.
+    fn roll_back(
+        &self,
+        state: &mut State,
+        build: &Build,
+        failure: ActivationFailure,
+    ) -> anyhow::Error {
+        report::status(&format!(
+            "activation of build {} failed; rolling back",
+            build.id
+        ));
+        log::error!(
+            "activation of build {} ({}) {}; rolling back",
+            build.id,
+            build.out_path,
+            failure.how
+        );
+        state.failed = Some(FailedBuild {
+            build_id: build.id,
+            store_path: build.out_path.to_string(),
+            at: state::now(),
+            reason: format!("activate {}", failure.how),
+        });
+        let deployed = state.deployed.take();
+        let failed_generation = deployed.as_ref().and_then(|d| d.generation);
+        let previous = deployed.and_then(|d| d.previous);
+
+        let outcome = match previous.as_ref().and_then(|p| p.generation.map(|g| (p, g))) {
+            Some((previous, generation)) => {
+                self.restore(state, build, previous, generation, failed_generation)
             }
-            Activation::Failed(failure) => {
-                report::status(&format!("activation of build {} failed", build.id));
-                Err(anyhow::Error::new(ActivationFailed).context(format!(
-                    "activation of build {} ({}) {}{}",
-                    build.id,
-                    build.out_path,
-                    failure.how,
-                    failure
-                        .stderr_tail
-                        .map(|t| format!("; its last words:\n{t}"))
-                        .unwrap_or_default()
-                )))
+            None => self
+                .profile
+                .remove(failed_generation)
+                .map(|()| "removed the profile (there was no previous generation)".to_owned()),
+        };
+        let outcome = outcome.unwrap_or_else(|err| format!("ROLLING BACK FAILED TOO: {err:#}"));
+        report::status(&format!(
+            "activation of build {} failed; {outcome}",
+            build.id
+        ));
+        anyhow::Error::new(ActivationFailed).context(format!(
+            "build {} ({}) failed to activate: activate {}; {outcome}{}",
+            build.id,
+            build.out_path,
+            failure.how,
+            failure
+                .stderr_tail
+                .map(|t| format!("\nlast lines of its stderr:\n{t}"))
+                .unwrap_or_default()
+        ))
+    }
+
+    fn restore(
+        &self,
+        state: &mut State,
+        build: &Build,
+        previous: &Previous,
+        generation: u64,
+        failed_generation: Option<u64>,
+    ) -> Result<String> {
+        self.profile.switch_generation(generation)?;
+        if let Some(failed) = failed_generation.filter(|g| *g != generation) {
+            self.profile.delete_generation(failed)?;
+        }
+        state.deployed = previous.build_id.map(|build_id| Deployment {
+            build_id,
+            store_path: previous.store_path.clone(),
+            generation: Some(generation),
+            job: self.hydra.job().to_string(),
+            at: state::now(),
+            activation: ActivationState::Done,
+            previous: None,
+        });
+        let id = previous
+            .build_id
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        let env = [
+            ("HAIL_PROFILE", self.profile.name.as_str()),
+            ("HAIL_BUILD_ID", id.as_str()),
+            ("HAIL_STORE_PATH", previous.store_path.as_str()),
+            ("HAIL_PREVIOUS_STORE_PATH", build.out_path.as_str()),
+        ];
+        let back = format!(
+            "rolled back to generation {generation} ({})",
+            previous.store_path
+        );
+        match activate::run(
+            self.profile.path(),
+            &self.runner,
+            &env,
+            self.activate_timeout,
+        )? {
+            Activation::Succeeded | Activation::NoScript => {
+                log::info!("{back} and re-activated it");
+                Ok(format!("{back} and re-activated it"))
             }
+            Activation::Failed(again) => Ok(format!(
+                "{back}, but re-activating it failed too: activate {}",
+                again.how
+            )),
         }
     }
 }
 
 /// `hail activate`: re-run the profile's activation, e.g. at boot.
-pub fn activate_existing(profile: &Profile, store: &StoreDir, timeout: Duration) -> Result<()> {
+pub fn activate_existing(
+    profile: &Profile,
+    store: &StoreDir,
+    runner: &Runner,
+    timeout: Duration,
+) -> Result<()> {
     let Some(current) = profile.current_target(store)? else {
         log::info!(
             "profile {} does not exist yet; nothing to activate",
@@ -140,7 +462,7 @@ pub fn activate_existing(profile: &Profile, store: &StoreDir, timeout: Duration)
         ("HAIL_PROFILE", profile.name.as_str()),
         ("HAIL_STORE_PATH", current.as_str()),
     ];
-    match activate::run(profile.path(), &env, timeout)? {
+    match activate::run(profile.path(), runner, &env, timeout).context("boot-time activation")? {
         Activation::Succeeded => {
             log::info!("activated {current}");
             Ok(())
@@ -154,8 +476,19 @@ pub fn activate_existing(profile: &Profile, store: &StoreDir, timeout: Duration)
             failure.how,
             failure
                 .stderr_tail
-                .map(|t| format!("; its last words:\n{t}"))
+                .map(|t| format!("\nlast lines of its stderr:\n{t}"))
                 .unwrap_or_default()
         ))),
+    }
+}
+
+/// "5 min", "3 h": how long ago a Unix time was.
+fn ago(at: u64) -> String {
+    let secs = state::now().saturating_sub(at);
+    match secs {
+        0..120 => format!("{secs} s"),
+        120..7200 => format!("{} min", secs / 60),
+        7200..172_800 => format!("{} h", secs / 3600),
+        _ => format!("{} days", secs / 86_400),
     }
 }

@@ -136,6 +136,57 @@ impl Profile {
         })
     }
 
+    /// Points the profile back at an existing generation.
+    pub fn switch_generation(&self, generation: u64) -> Result<()> {
+        process::run(nix_env_switch_generation(&self.path, generation)).with_context(|| {
+            format!(
+                "could not switch profile {} back to generation {generation}",
+                self.path.display()
+            )
+        })
+    }
+
+    /// Deletes one generation that is not the current one.
+    pub fn delete_generation(&self, generation: u64) -> Result<()> {
+        process::run(nix_env_delete_generations(&self.path, &[generation])).with_context(|| {
+            format!(
+                "could not delete generation {generation} of profile {}",
+                self.path.display()
+            )
+        })
+    }
+
+    /// Removes the profile and its generation `generation`, when a first
+    /// deploy failed and there is nothing to go back to: a half-activated
+    /// profile must not be activated again at boot. nix-env cannot delete the
+    /// current generation, so the links are removed directly.
+    pub fn remove(&self, generation: Option<u64>) -> Result<()> {
+        let mut links = vec![self.path.clone()];
+        if let Some(generation) = generation {
+            links.push(self.generation_link(generation));
+        }
+        for link in links {
+            match std::fs::remove_file(&link) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(err).with_context(|| format!("cannot remove {}", link.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn generation_link(&self, generation: u64) -> PathBuf {
+        let base = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.path
+            .with_file_name(format!("{base}-{generation}-link"))
+    }
+
     /// Generation numbers of this profile, oldest first, from the links
     /// `NAME-N-link` beside it.
     pub fn generations(&self) -> Result<Vec<u64>> {
@@ -184,6 +235,26 @@ pub fn nix_env_set(profile: &Path, store_path: &StorePath) -> Command {
     nix_env(
         profile,
         [OsString::from("--set"), store_path.as_str().into()],
+    )
+}
+
+/// `nix-env --profile PROFILE --switch-generation N`.
+pub fn nix_env_switch_generation(profile: &Path, generation: u64) -> Command {
+    nix_env(
+        profile,
+        [
+            OsString::from("--switch-generation"),
+            generation.to_string().into(),
+        ],
+    )
+}
+
+/// `nix-env --profile PROFILE --delete-generations N…`.
+pub fn nix_env_delete_generations(profile: &Path, generations: &[u64]) -> Command {
+    nix_env(
+        profile,
+        std::iter::once(OsString::from("--delete-generations"))
+            .chain(generations.iter().map(|g| g.to_string().into())),
     )
 }
 
@@ -237,6 +308,26 @@ mod tests {
                 "/p/web",
                 "--set",
                 "/nix/store/0c0b5jrrfg6x7mnyl2kjkzzwhm5xhrm8-hello"
+            ]
+        );
+    }
+
+    #[test]
+    fn rollback_argvs() {
+        let profile = Path::new("/p/web");
+        assert_eq!(
+            argv(&nix_env_switch_generation(profile, 3)),
+            ["nix-env", "--profile", "/p/web", "--switch-generation", "3"]
+        );
+        assert_eq!(
+            argv(&nix_env_delete_generations(profile, &[4, 5])),
+            [
+                "nix-env",
+                "--profile",
+                "/p/web",
+                "--delete-generations",
+                "4",
+                "5"
             ]
         );
     }

@@ -1,11 +1,14 @@
 //! Per-profile files in the state dir: the lock that keeps passes on one
-//! profile from interleaving.
+//! profile from interleaving, and the JSON document that remembers what hail
+//! deployed, what failed, and how the last pass went.
 
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
 
 use crate::profile::ProfileName;
 
@@ -83,4 +86,201 @@ impl StateDir {
 #[derive(Debug)]
 pub struct ProfileLock {
     _file: File,
+}
+
+impl StateDir {
+    pub fn state_file(&self, profile: &ProfileName) -> PathBuf {
+        self.file(profile, "json")
+    }
+
+    /// The profile's state; a missing file is an empty state, and so is a
+    /// corrupt or unreadable one (reported, and kept aside as `.corrupt`).
+    pub fn load(&self, profile: &ProfileName) -> State {
+        let path = self.state_file(profile);
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return State::default(),
+            Err(err) => {
+                log::warn!(
+                    "cannot read state file {} ({err}); starting from an empty state",
+                    path.display()
+                );
+                return State::default();
+            }
+        };
+        match serde_json::from_slice(&text) {
+            Ok(state) => state,
+            Err(err) => {
+                let aside = path.with_extension("json.corrupt");
+                let _ = std::fs::rename(&path, &aside);
+                log::warn!(
+                    "state file {} is corrupt ({err}); starting from an empty state (the old file is {})",
+                    path.display(),
+                    aside.display()
+                );
+                State::default()
+            }
+        }
+    }
+
+    /// Writes the state atomically: a temporary file, fsync, rename, fsync
+    /// of the dir. A crash leaves the old state or the new one, never half.
+    pub fn save(&self, profile: &ProfileName, state: &State) -> Result<()> {
+        let path = self.state_file(profile);
+        let json = serde_json::to_vec_pretty(state).context("cannot serialise state")?;
+        write_atomically(&path, &json)
+    }
+
+    /// Every profile with a state file, for `hail status`.
+    pub fn profiles(&self) -> Result<Vec<ProfileName>> {
+        let entries = match std::fs::read_dir(&self.0) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => {
+                return Err(err).with_context(|| format!("cannot list {}", self.0.display()));
+            }
+        };
+        let mut names: Vec<ProfileName> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let stem = name.strip_suffix(".json")?;
+                ProfileName::parse(&stem.replace("%2F", "/")).ok()
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
+pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut file = File::create(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().map_err(|err| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::Error::new(err).context(format!("cannot write {}", path.display()))
+    })
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What hail knows about one profile. Store paths here are for people and
+/// comparisons only; nothing read from this file is passed to nix.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct State {
+    /// The build hail deployed last (or is deploying).
+    pub deployed: Option<Deployment>,
+    /// A build whose activation failed and was rolled back: not retried
+    /// while it is Hydra's latest.
+    pub failed: Option<FailedBuild>,
+    /// Set while hail holds off because the profile was moved away from what
+    /// it deployed (an operator's rollback).
+    pub held: Option<Hold>,
+    pub last_check: Option<Check>,
+    pub last_error: Option<LastError>,
+    /// When the last pass that deployed or found the profile up to date ended.
+    pub last_success: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub build_id: u64,
+    pub store_path: String,
+    pub generation: Option<u64>,
+    pub job: String,
+    /// When the switch happened.
+    pub at: u64,
+    pub activation: ActivationState,
+    /// What the profile pointed at before, for rolling back.
+    pub previous: Option<Previous>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActivationState {
+    /// Recorded before the switch; cleared when activate succeeded. Found
+    /// set by a later pass, it means hail was interrupted.
+    Pending,
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Previous {
+    pub build_id: Option<u64>,
+    pub store_path: String,
+    pub generation: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedBuild {
+    pub build_id: u64,
+    pub store_path: String,
+    pub at: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hold {
+    /// The build hail deployed and the operator moved away from.
+    pub build_id: u64,
+    /// Where the profile points instead.
+    pub profile_target: Option<String>,
+    pub since: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    pub at: u64,
+    pub result: String,
+    pub latest_build_id: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastError {
+    pub at: u64,
+    pub message: String,
+    pub exit_status: u8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_survives_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let states = StateDir::new(dir.path());
+        let name = ProfileName::parse("hail-profiles/web").unwrap();
+        assert_eq!(states.load(&name), State::default());
+        let state = State {
+            failed: Some(FailedBuild {
+                build_id: 5,
+                store_path: "/nix/store/x".into(),
+                at: 1,
+                reason: "r".into(),
+            }),
+            ..State::default()
+        };
+        states.save(&name, &state).unwrap();
+        assert_eq!(states.load(&name), state);
+        assert_eq!(states.profiles().unwrap(), vec![name.clone()]);
+
+        std::fs::write(states.state_file(&name), b"{\"deployed\": tru").unwrap();
+        assert_eq!(states.load(&name), State::default());
+        assert!(dir.path().join("hail-profiles%2Fweb.json.corrupt").exists());
+    }
 }
