@@ -139,7 +139,7 @@ pub fn run(
     {
         Ok(status) => (status, false),
         Err(_) => {
-            log::error!(
+            log::warn!(
                 "{shown} did not finish within {} s; ending its process group",
                 timeout.as_secs()
             );

@@ -60,13 +60,13 @@ impl Outcome {
     }
 }
 
-/// Marks an error as exit status 3: activation failed.
+/// An error that ends the pass with exit status 3: activation failed.
 #[derive(Debug)]
-pub struct ActivationFailed;
+pub struct ActivationFailed(pub String);
 
 impl std::fmt::Display for ActivationFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("activation failed")
+        f.write_str(&self.0)
     }
 }
 
@@ -192,14 +192,14 @@ impl Pass {
             && !self.retry_failed
         {
             report::status(&format!("build {} failed before; not retrying", build.id));
-            return Err(anyhow::Error::new(ActivationFailed).context(format!(
+            return Err(anyhow::Error::new(ActivationFailed(format!(
                 "build {} ({}) failed to activate {} ago ({}); it stays rolled back while it is \
                  Hydra's latest. A newer build deploys as usual; `--retry-failed` tries this one again",
                 build.id,
                 build.out_path,
                 ago(failed.at),
                 failed.reason
-            )));
+            ))));
         }
 
         if !self.force
@@ -348,7 +348,7 @@ impl Pass {
             "activation of build {} failed; rolling back",
             build.id
         ));
-        log::error!(
+        log::warn!(
             "activation of build {} ({}) {}; rolling back",
             build.id,
             build.out_path,
@@ -378,7 +378,7 @@ impl Pass {
             "activation of build {} failed; {outcome}",
             build.id
         ));
-        anyhow::Error::new(ActivationFailed).context(format!(
+        anyhow::Error::new(ActivationFailed(format!(
             "build {} ({}) failed to activate: activate {}; {outcome}{}",
             build.id,
             build.out_path,
@@ -387,7 +387,7 @@ impl Pass {
                 .stderr_tail
                 .map(|t| format!("\nlast lines of its stderr:\n{t}"))
                 .unwrap_or_default()
-        ))
+        )))
     }
 
     fn restore(
@@ -471,14 +471,14 @@ pub fn activate_existing(
             log::warn!("{current} has no bin/activate: nothing to activate");
             Ok(())
         }
-        Activation::Failed(failure) => Err(anyhow::Error::new(ActivationFailed).context(format!(
+        Activation::Failed(failure) => Err(anyhow::Error::new(ActivationFailed(format!(
             "activation of {current} {}{}",
             failure.how,
             failure
                 .stderr_tail
                 .map(|t| format!("\nlast lines of its stderr:\n{t}"))
                 .unwrap_or_default()
-        ))),
+        )))),
     }
 }
 

@@ -4,4 +4,5 @@
 //! loopback servers or systemd.
 
 mod common;
+mod faults;
 mod pass;

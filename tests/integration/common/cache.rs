@@ -110,14 +110,20 @@ impl Cache {
         )
     }
 
-    /// The NAR files of `path` in the cache (to corrupt them).
-    pub fn narinfo(&self, path: &str) -> PathBuf {
+    /// The compressed NAR of `path` in the cache, as its narinfo names it.
+    pub fn nar_file(&self, path: &str) -> PathBuf {
         let hash = path
             .trim_start_matches("/nix/store/")
             .split('-')
             .next()
             .unwrap_or_default();
-        self.dir.join(format!("{hash}.narinfo"))
+        let narinfo = std::fs::read_to_string(self.dir.join(format!("{hash}.narinfo")))
+            .expect("the path is in the cache");
+        let url = narinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .expect("narinfo has a URL");
+        self.dir.join(url)
     }
 }
 

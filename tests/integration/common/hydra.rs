@@ -50,6 +50,9 @@ pub enum Fault {
 #[derive(Default)]
 struct Shared {
     builds: BTreeMap<u64, Value>,
+    /// What `/build/ID` serves instead of the build (malformed answers);
+    /// `…/latest` still decides from the real builds.
+    served: BTreeMap<u64, Value>,
     jobsets: Vec<(String, String)>,
     requests: Vec<Request>,
     bytes_sent: u64,
@@ -116,13 +119,18 @@ impl Hydra {
         })
     }
 
-    /// Replaces a build object wholesale (for malformed-JSON cases).
+    /// Serves `build` as `/build/ID` instead of the real build object (for
+    /// malformed answers); `…/latest` still points at ID.
     pub fn set_build_json(&self, id: u64, build: Value) {
-        self.with(|s| s.builds.insert(id, build));
+        self.with(|s| s.served.insert(id, build));
     }
 
     pub fn fault(&self, path_suffix: &str, fault: Fault) {
         self.with(|s| s.faults.push((path_suffix.into(), fault)));
+    }
+
+    pub fn clear_faults(&self) {
+        self.with(|s| s.faults.clear());
     }
 
     pub fn location_origin(&self, origin: &str) {
@@ -327,7 +335,7 @@ fn answer(s: &Shared, request: &Request) -> Vec<u8> {
             }
         }
         ["build", id] => match id.parse::<u64>() {
-            Ok(id) => match s.builds.get(&id) {
+            Ok(id) => match s.served.get(&id).or_else(|| s.builds.get(&id)) {
                 Some(build) if json => encode(
                     200,
                     &[("Content-Type", "application/json")],

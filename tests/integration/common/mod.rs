@@ -103,9 +103,13 @@ impl World {
     /// The hail binary, with a clean environment for this world: the profile,
     /// the job URI, temporary dirs, and nix configured for the stand-in's cache.
     pub fn hail(&self) -> Command {
+        self.hail_with_job(&self.hydra.job_uri(JOB))
+    }
+
+    /// Like [`World::hail`], following another job URI.
+    pub fn hail_with_job(&self, job_uri: &str) -> Command {
         let mut cmd = self.bare_hail();
-        cmd.args(["--oneshot", "--profile", PROFILE, "--job-uri"])
-            .arg(self.hydra.job_uri(JOB))
+        cmd.args(["--oneshot", "--profile", PROFILE, "--job-uri", job_uri])
             .arg("--profiles-dir")
             .arg(self.profiles_dir())
             .arg("--state-dir")

@@ -1,0 +1,588 @@
+//! Safe deploys under faults. Every case starts from a host where build `a`
+//! is deployed and activated, injects one fault while Hydra offers a newer
+//! build `b`, and checks what an operator would: hail's exit status, where
+//! the profile points, its generations, and that `a` is still what was
+//! activated last (the running service is intact).
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::hydra::Fault;
+use crate::common::{JOB, Run, World, assert_exit, recording_activate};
+
+/// A world where build `a` is deployed.
+fn deployed_a() -> (World, String) {
+    let world = World::new();
+    let (_, a) = world.publish("a");
+    assert_exit(&world.pass(&[]), 0);
+    (world, a)
+}
+
+fn last_activation_label(world: &World) -> Option<String> {
+    world.activations().last().and_then(|l| {
+        l.split_whitespace()
+            .next()
+            .map(|w| w.trim_start_matches("label=").to_owned())
+    })
+}
+
+/// The state file hail keeps for the test profile.
+fn state(world: &World) -> Value {
+    let text = std::fs::read(world.state_dir().join("web.json")).unwrap_or_default();
+    serde_json::from_slice(&text).unwrap_or(Value::Null)
+}
+
+/// `a` is still deployed: profile, generation, and last activation.
+#[track_caller]
+fn assert_a_intact(world: &World, a: &str, case: &str, run: &Run) {
+    assert_eq!(
+        world.profile_target().as_deref(),
+        Some(a),
+        "{case}: profile moved\n{run:?}"
+    );
+    assert_eq!(world.generations(), [1], "{case}: generations\n{run:?}");
+    assert_eq!(
+        last_activation_label(world).as_deref(),
+        Some("a"),
+        "{case}: last activation\n{run:?}"
+    );
+}
+
+/// Publishes `b` built with `extra` appended to its recording activate.
+fn publish_b(world: &World, extra: &str) -> (u64, String) {
+    world.publish_with("b", extra)
+}
+
+type Inject = Box<dyn Fn(&World) -> Vec<String>>;
+
+/// Faults that leave the profile untouched (exit 1) or roll back (exit 3).
+fn table() -> Vec<(&'static str, i32, Inject)> {
+    let html = |status: u16| {
+        Fault::Respond(
+            status,
+            "text/html",
+            format!("<html><title>{status}</title></html>").into_bytes(),
+        )
+    };
+    let build_json = |world: &World, edit: &dyn Fn(&mut Value)| {
+        let (id, b) = publish_b(world, "");
+        let mut build = crate::common::hydra::build_object(id, JOB, &b, Some(0));
+        edit(&mut build);
+        world.hydra.set_build_json(id, build);
+    };
+    vec![
+        (
+            "Hydra down",
+            1,
+            Box::new(|world: &World| {
+                publish_b(world, "");
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                vec![
+                    "--job-uri".into(),
+                    format!("http://127.0.0.1:{port}/job/hail/main/{JOB}"),
+                ]
+            }),
+        ),
+        (
+            "Hydra hangs",
+            1,
+            Box::new(|world: &World| {
+                publish_b(world, "");
+                world.hydra.fault("/latest", Fault::Hang);
+                vec!["--timeout".into(), "1".into()]
+            }),
+        ),
+        (
+            "500 HTML",
+            1,
+            Box::new(move |world: &World| {
+                let (id, _) = publish_b(world, "");
+                world.hydra.fault(&format!("/build/{id}"), html(500));
+                vec![]
+            }),
+        ),
+        (
+            "502 HTML",
+            1,
+            Box::new(move |world: &World| {
+                publish_b(world, "");
+                world.hydra.fault("/latest", html(502));
+                vec![]
+            }),
+        ),
+        (
+            "truncated body",
+            1,
+            Box::new(|world: &World| {
+                let (id, _) = publish_b(world, "");
+                world.hydra.fault(
+                    &format!("/build/{id}"),
+                    Fault::Truncate(b"{\"id\":".to_vec()),
+                );
+                vec![]
+            }),
+        ),
+        (
+            "garbage body",
+            1,
+            Box::new(|world: &World| {
+                let (id, _) = publish_b(world, "");
+                world.hydra.fault(
+                    &format!("/build/{id}"),
+                    Fault::Respond(200, "application/json", b"\xff\xfe<<garbage".to_vec()),
+                );
+                vec![]
+            }),
+        ),
+        (
+            "oversized body",
+            1,
+            Box::new(|world: &World| {
+                let (id, _) = publish_b(world, "");
+                world.hydra.fault(
+                    &format!("/build/{id}"),
+                    Fault::Respond(200, "application/json", vec![b'['; 3 << 20]),
+                );
+                vec![]
+            }),
+        ),
+        (
+            "finished: true",
+            1,
+            Box::new(move |world: &World| {
+                build_json(world, &|b| b["finished"] = json!(true));
+                vec![]
+            }),
+        ),
+        (
+            "string id",
+            1,
+            Box::new(move |world: &World| {
+                build_json(world, &|b| b["id"] = json!(b["id"].to_string()));
+                vec![]
+            }),
+        ),
+        (
+            "missing buildoutputs",
+            1,
+            Box::new(move |world: &World| {
+                build_json(world, &|b| {
+                    b.as_object_mut().unwrap().remove("buildoutputs");
+                });
+                vec![]
+            }),
+        ),
+        (
+            "content-addressed (null path)",
+            1,
+            Box::new(move |world: &World| {
+                build_json(world, &|b| b["buildoutputs"]["out"]["path"] = Value::Null);
+                vec![]
+            }),
+        ),
+        (
+            "redirect loop",
+            1,
+            Box::new(|world: &World| {
+                publish_b(world, "");
+                let loop_to = world.hydra.job_uri(JOB) + "/latest";
+                world.hydra.fault("/latest", Fault::Redirect(loop_to));
+                vec![]
+            }),
+        ),
+        (
+            "narinfo 404",
+            1,
+            Box::new(|world: &World| {
+                let b = world.cache.build("b", &recording_activate("b", ""));
+                world.hydra.add_build(JOB, &b, Some(0));
+                vec![]
+            }),
+        ),
+        (
+            "NAR does not match its hash",
+            1,
+            Box::new(|world: &World| {
+                let (_, b) = publish_b(world, "");
+                let other = world
+                    .cache
+                    .build("c", &recording_activate("c", "# other content"));
+                world.cache.publish(&other);
+                std::fs::copy(world.cache.nar_file(&other), world.cache.nar_file(&b)).unwrap();
+                vec![]
+            }),
+        ),
+        (
+            "unsigned path, signatures required",
+            1,
+            Box::new(|world: &World| {
+                let b = world.cache.build("b", &recording_activate("b", ""));
+                world.cache.publish_unsigned(&b);
+                world.hydra.add_build(JOB, &b, Some(0));
+                vec![]
+            }),
+        ),
+        (
+            "activate exits 1",
+            3,
+            Box::new(|world: &World| {
+                publish_b(world, "echo 'b cannot start: port 8080 in use' >&2; exit 1");
+                vec![]
+            }),
+        ),
+        (
+            "activate hangs past the timeout",
+            3,
+            Box::new(|world: &World| {
+                publish_b(world, "sleep 60");
+                vec!["--activate-timeout".into(), "1".into()]
+            }),
+        ),
+        (
+            "activate is killed",
+            3,
+            Box::new(|world: &World| {
+                publish_b(world, "kill -9 $$");
+                vec![]
+            }),
+        ),
+    ]
+}
+
+#[test]
+fn table_of_faults_loses_nothing() {
+    let cases = table();
+    let count = cases.len();
+    let started = Instant::now();
+    for (name, expected_exit, inject) in cases {
+        let (world, a) = deployed_a();
+        let args = inject(&world);
+        let cmd = match &args[..] {
+            [flag, job_uri] if flag == "--job-uri" => world.hail_with_job(job_uri),
+            _ => {
+                let mut cmd = world.hail();
+                cmd.args(&args);
+                cmd
+            }
+        };
+        let run = world.run(cmd);
+        assert_eq!(
+            run.code,
+            Some(expected_exit),
+            "{name}: exit status\n{run:?}"
+        );
+        assert_eq!(
+            run.stderr
+                .lines()
+                .filter(|l| l.starts_with("hail[web]: error:"))
+                .count(),
+            1,
+            "{name}: one error line\n{run:?}"
+        );
+        assert_a_intact(&world, &a, name, &run);
+        if expected_exit == 3 {
+            // Rolled back: a was activated again, told which build failed.
+            let last = world.activations().last().cloned().unwrap_or_default();
+            assert!(last.contains("previous=/nix/store/"), "{name}: {last}");
+            assert!(
+                run.stderr.contains("rolled back to generation 1"),
+                "{name}\n{run:?}"
+            );
+            assert!(
+                state(&world)["failed"]["build_id"].is_u64(),
+                "{name}: failed build not recorded"
+            );
+        }
+    }
+    eprintln!(
+        "{count} faults injected in {:?}; nothing lost in any",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn rollback_names_the_build_status_and_stderr() {
+    let (world, _) = deployed_a();
+    let (id, b) = publish_b(
+        &world,
+        "echo 'b cannot start: port 8080 in use' >&2; exit 1",
+    );
+    let run = world.pass(&[]);
+    assert_exit(&run, 3);
+    let error = run
+        .stderr
+        .lines()
+        .skip_while(|l| !l.contains("error:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        error.contains(&format!("build {id} ({b}) failed to activate")),
+        "{run:?}"
+    );
+    assert!(error.contains("exited with status 1"), "{run:?}");
+    assert!(error.contains("port 8080 in use"), "{run:?}");
+    // The failed generation is gone, a was re-activated knowing what failed.
+    assert_eq!(world.generations(), [1]);
+    assert!(
+        world
+            .activations()
+            .last()
+            .unwrap()
+            .ends_with(&format!("previous={b} profile=web cwd=/"))
+    );
+}
+
+#[test]
+fn failed_build_is_not_retried_until_a_newer_one() {
+    let (world, a) = deployed_a();
+    let (id_b, _) = publish_b(&world, "exit 1");
+    assert_exit(&world.pass(&[]), 3);
+    let activations = world.activations().len();
+
+    let run = world.pass(&[]);
+    assert_exit(&run, 3);
+    assert!(
+        run.stderr.contains(&format!("build {id_b}")) && run.stderr.contains("--retry-failed"),
+        "{run:?}"
+    );
+    assert_eq!(
+        world.activations().len(),
+        activations,
+        "the failed build was retried"
+    );
+    assert_a_intact(&world, &a, "second pass", &run);
+
+    let run = world.pass(&["--retry-failed"]);
+    assert_exit(&run, 3);
+    assert_eq!(
+        world.activations().len(),
+        activations + 2,
+        "retry: b tried, a re-activated"
+    );
+
+    let (_, c) = world.publish("c");
+    let run = world.pass(&[]);
+    assert_exit(&run, 0);
+    assert_eq!(world.profile_target().as_deref(), Some(c.as_str()));
+    assert_eq!(state(&world)["failed"], Value::Null);
+}
+
+#[test]
+fn first_deploy_that_fails_removes_the_profile() {
+    let world = World::new();
+    world.publish_with("a", "exit 1");
+    let run = world.pass(&[]);
+    assert_exit(&run, 3);
+    assert!(run.stderr.contains("removed the profile"), "{run:?}");
+    assert_eq!(world.profile_target(), None);
+    assert!(world.generations().is_empty(), "{:?}", world.generations());
+    // Nothing half-activated is left for boot.
+    let mut cmd = world.bare_hail();
+    cmd.args(["activate", "--profile", "web", "--profiles-dir"])
+        .arg(world.profiles_dir());
+    assert_exit(&world.run(cmd), 0);
+    assert_eq!(world.activations().len(), 1);
+}
+
+#[test]
+fn manual_rollback_is_respected() {
+    let (world, a) = deployed_a();
+    let (id_b, b) = world.publish("b");
+    assert_exit(&world.pass(&[]), 0);
+    assert_eq!(world.profile_target().as_deref(), Some(b.as_str()));
+
+    // The operator rolls back by hand.
+    crate::common::cache::run(
+        Command::new("nix-env")
+            .arg("-p")
+            .arg(world.profile_path())
+            .arg("--rollback"),
+    );
+    assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
+    let activations = world.activations().len();
+
+    let run = world.pass(&[]);
+    assert_exit(&run, 0);
+    assert!(run.stderr.contains("holding"), "{run:?}");
+    assert!(run.stderr.contains(&format!("build {id_b}")), "{run:?}");
+    assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
+    assert_eq!(world.activations().len(), activations);
+    assert_eq!(state(&world)["held"]["build_id"], json!(id_b));
+
+    // --force deploys the latest regardless.
+    let run = world.pass(&["--force"]);
+    assert_exit(&run, 0);
+    assert_eq!(world.profile_target().as_deref(), Some(b.as_str()));
+
+    // Rolled back again, then a newer build arrives: it deploys.
+    crate::common::cache::run(
+        Command::new("nix-env")
+            .arg("-p")
+            .arg(world.profile_path())
+            .arg("--switch-generation")
+            .arg("1"),
+    );
+    assert_exit(&world.pass(&[]), 0);
+    assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
+    let (_, c) = world.publish("c");
+    let run = world.pass(&[]);
+    assert_exit(&run, 0);
+    assert_eq!(world.profile_target().as_deref(), Some(c.as_str()));
+    assert_eq!(state(&world)["held"], Value::Null);
+}
+
+/// Starts hail in its own process group (as systemd would kill a unit's
+/// cgroup), waits until `ready` holds, then SIGKILLs the whole group.
+fn kill_pass_when(world: &World, ready: impl Fn() -> bool) {
+    let mut cmd = world.hail();
+    cmd.process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("start hail");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "hail never reached the point to kill it"
+        );
+        assert!(
+            child.try_wait().expect("poll hail").is_none(),
+            "hail ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let group = format!("-{}", child.id());
+    let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+    let _ = child.wait();
+}
+
+#[test]
+fn killed_during_substitution_converges() {
+    let (world, a) = deployed_a();
+    let (_, b) = publish_b(&world, "");
+    world.hydra.fault(".nar.xz", Fault::Hang);
+    kill_pass_when(&world, || {
+        world
+            .hydra
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with(".nar.xz"))
+    });
+    assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
+    assert_eq!(world.generations(), [1]);
+
+    world.hydra.clear_faults();
+    let run = world.pass(&[]);
+    assert_exit(&run, 0);
+    assert_eq!(world.profile_target().as_deref(), Some(b.as_str()));
+    assert_eq!(world.generations(), [1, 2]);
+    assert_eq!(last_activation_label(&world).as_deref(), Some("b"));
+}
+
+#[test]
+fn killed_during_activation_converges() {
+    let (world, _) = deployed_a();
+    // Activation hangs the first time only (the marker survives the kill).
+    let once = "m=\"$(dirname \"$HAIL_TEST_RECORD\")/slept\"; [ -e \"$m\" ] || { touch \"$m\"; sleep 60; }";
+    let (_, b) = publish_b(&world, once);
+    kill_pass_when(&world, || world.path("slept").exists());
+    assert_eq!(
+        world.profile_target().as_deref(),
+        Some(b.as_str()),
+        "nix-env --set is atomic and ran"
+    );
+    assert_eq!(state(&world)["deployed"]["activation"], json!("pending"));
+
+    let run = world.pass(&[]);
+    assert_exit(&run, 0);
+    assert!(run.stderr.contains("interrupted"), "{run:?}");
+    assert_eq!(world.profile_target().as_deref(), Some(b.as_str()));
+    assert_eq!(world.generations(), [1, 2]);
+    let b_runs = world
+        .activations()
+        .iter()
+        .filter(|l| l.starts_with("label=b "))
+        .count();
+    assert_eq!(b_runs, 2, "activate of b ran again to completion");
+    assert_eq!(state(&world)["deployed"]["activation"], json!("done"));
+
+    let run = world.pass(&[]);
+    assert_exit(&run, 0);
+    assert!(run.stderr.contains("up to date"), "{run:?}");
+}
+
+#[test]
+fn concurrent_passes_two_and_five() {
+    for n in [2, 5] {
+        let (world, _) = deployed_a();
+        let (_, b) = publish_b(&world, "sleep 0.5");
+        let runs: Vec<Run> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n).map(|_| s.spawn(|| world.pass(&[]))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for run in &runs {
+            assert_exit(run, 0);
+        }
+        assert_eq!(
+            world.profile_target().as_deref(),
+            Some(b.as_str()),
+            "{n} passes"
+        );
+        assert_eq!(world.generations(), [1, 2], "{n} passes");
+        let b_runs = world
+            .activations()
+            .iter()
+            .filter(|l| l.starts_with("label=b "))
+            .count();
+        assert_eq!(b_runs, 1, "{n} passes activated b {b_runs} times");
+    }
+}
+
+#[test]
+fn read_only_profiles_dir() {
+    let (world, a) = deployed_a();
+    publish_b(&world, "");
+    // A read-only bind mount in a private mount namespace: root ignores
+    // permission bits, not a read-only mount.
+    let dir = world.profiles_dir();
+    let hail = world.hail();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind \"$0\" \"$0\" && mount -o remount,bind,ro \"$0\" && exec \"$@\"")
+        .arg(&dir)
+        .arg(hail.get_program())
+        .args(hail.get_args());
+    for (key, value) in hail.get_envs() {
+        match value {
+            Some(value) => cmd.env(key, value),
+            None => cmd.env_remove(key),
+        };
+    }
+    let run = world.run(cmd);
+    assert_exit(&run, 1);
+    assert!(run.stderr.contains("nix-env"), "{run:?}");
+    assert_a_intact(&world, &a, "read-only profiles dir", &run);
+}
+
+#[test]
+fn corrupt_state_file_is_reported_not_fatal() {
+    let (world, _) = deployed_a();
+    std::fs::write(
+        world.state_dir().join("web.json"),
+        b"{\"deployed\": {\"build_id\": \"x",
+    )
+    .unwrap();
+    let (_, b) = publish_b(&world, "");
+    let run = world.pass(&[]);
+    assert_exit(&run, 0);
+    assert!(run.stderr.contains("is corrupt"), "{run:?}");
+    assert_eq!(world.profile_target().as_deref(), Some(b.as_str()));
+    assert_eq!(state(&world)["deployed"]["activation"], json!("done"));
+}
