@@ -42,6 +42,24 @@ pub enum Command {
     /// Boot-time activation: run PROFILE/bin/activate if the profile exists
     /// (exits 0 if it does not).
     Activate(ActivateArgs),
+    /// Show what hail deployed and how its last passes went, from the state
+    /// dir only (no network, no lock: works while a pass runs).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Profiles to show [default: every profile with state].
+    #[arg(value_parser = ProfileName::parse)]
+    pub profiles: Vec<ProfileName>,
+
+    /// Where hail keeps its state [default: $STATE_DIRECTORY, else /var/lib/hail].
+    #[arg(long, env = "HAIL_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// A stable JSON document for scripts instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -90,6 +108,40 @@ pub struct PassArgs {
     #[arg(long, env = "HAIL_ACTIVATE_TIMEOUT", value_name = "SECS", value_parser = parse_seconds, default_value = "600")]
     pub activate_timeout: Duration,
 
+    /// The build output to deploy, for jobs whose deployable output is not `out`.
+    #[arg(long, env = "HAIL_OUTPUT", value_name = "NAME", default_value = "out", value_parser = parse_output)]
+    pub output: String,
+
+    /// Only builds for this system (Hydra's latest-for/SYSTEM); otherwise the
+    /// highest build id of any system wins.
+    #[arg(long, env = "HAIL_SYSTEM", value_name = "SYSTEM", value_parser = parse_system)]
+    pub system: Option<String>,
+
+    /// Only builds from evaluations with no unfinished builds (Hydra's latest-finished).
+    #[arg(long, env = "HAIL_LATEST_FINISHED", conflicts_with_all = ["system", "wait_for_jobset"])]
+    pub latest_finished: bool,
+
+    /// Only this job's build from the newest evaluation in which every build
+    /// finished successfully (reads up to 3 pages of evaluations and the
+    /// builds of up to 10).
+    #[arg(long, env = "HAIL_WAIT_FOR_JOBSET")]
+    pub wait_for_jobset: bool,
+
+    /// Deploy a build only once it has been finished this long (e.g. 30min,
+    /// 2h, 1d; plain numbers are seconds): canary hosts at 0, the fleet later.
+    #[arg(long, env = "HAIL_MIN_BUILD_AGE", value_name = "DURATION", value_parser = parse_duration)]
+    pub min_build_age: Option<Duration>,
+
+    /// After a successful deploy, delete all but the newest N generations
+    /// (never the current one).
+    #[arg(long, env = "HAIL_KEEP_GENERATIONS", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_generations: Option<u64>,
+
+    /// Write Prometheus metrics for this profile here after every pass
+    /// (atomically; point it into node_exporter's textfile directory).
+    #[arg(long, env = "HAIL_METRICS_FILE", value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
+
     /// Ask Hydra and say what would be deployed; change nothing.
     #[arg(long, env = "HAIL_DRY_RUN")]
     pub dry_run: bool,
@@ -131,6 +183,65 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is not a positive number of seconds"))
 }
 
+/// `90`, `90s`, `30min`, `2h`, `1d`, `1h30min`: systemd-style time spans.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let invalid = || format!("{text:?} is not a duration (e.g. 0, 90s, 30min, 2h, 1d)");
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(invalid());
+    }
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total: u64 = 0;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let (number, after) = rest.split_at(digits);
+        let number: u64 = number.parse().map_err(|_| invalid())?;
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_len);
+        let scale = match unit.trim() {
+            "s" | "sec" | "second" | "seconds" => 1,
+            "m" | "min" | "minute" | "minutes" => 60,
+            "h" | "hr" | "hour" | "hours" => 3600,
+            "d" | "day" | "days" => 86_400,
+            "w" | "week" | "weeks" => 604_800,
+            _ => return Err(invalid()),
+        };
+        total = number
+            .checked_mul(scale)
+            .and_then(|n| total.checked_add(n))
+            .ok_or_else(invalid)?;
+        rest = after.trim_start();
+    }
+    Ok(Duration::from_secs(total))
+}
+
+fn parse_output(name: &str) -> Result<String, String> {
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+.-".contains(c));
+    valid
+        .then(|| name.to_owned())
+        .ok_or_else(|| format!("{name:?} is not a derivation output name (e.g. out, bin)"))
+}
+
+fn parse_system(system: &str) -> Result<String, String> {
+    let valid = !system.is_empty()
+        && system
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c));
+    valid
+        .then(|| system.to_owned())
+        .ok_or_else(|| format!("{system:?} is not a Nix system (e.g. x86_64-linux)"))
+}
+
 fn reject_poll_period(_: &str) -> Result<String, String> {
     Err(
         "hail runs exactly one pass per start; polling is hail@PROFILE.timer's job \
@@ -148,6 +259,28 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        for (text, secs) in [
+            ("0", 0),
+            ("90", 90),
+            ("90s", 90),
+            ("30min", 1800),
+            ("2h", 7200),
+            ("1d", 86_400),
+            ("1h 30min", 5400),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
+        }
+        for bad in ["", "x", "5 parsecs", "-1h", "h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -18,6 +18,12 @@ use crate::store_path::{StoreDir, StorePath};
 
 /// Hydra's answers are a few KiB; anything this large is not Hydra.
 pub const MAX_BODY: u64 = 1024 * 1024;
+/// `/eval/ID/builds` lists every build of an evaluation, about 1.5 KiB each.
+const MAX_EVAL_BUILDS_BODY: u64 = 64 * 1024 * 1024;
+/// `--wait-for-jobset` reads at most this many pages of evaluations (20 each)…
+pub const MAX_EVAL_PAGES: usize = 3;
+/// …and the builds of at most this many evaluations.
+pub const MAX_EVALS_CHECKED: usize = 10;
 const EXPECTED_JOB_URI: &str = "http(s)://HOST[:PORT][/PREFIX]/job/PROJECT/JOBSET/JOB";
 
 /// A Hydra job URI, validated and split into the parts hail needs.
@@ -93,6 +99,17 @@ impl JobUri {
 
     pub fn build_url(&self, id: u64) -> String {
         format!("{}/build/{id}", self.base)
+    }
+
+    pub fn evals_url(&self, page: usize) -> String {
+        format!(
+            "{}/jobset/{}/{}/evals?page={page}",
+            self.base, self.project, self.jobset
+        )
+    }
+
+    pub fn eval_builds_url(&self, eval: u64) -> String {
+        format!("{}/eval/{eval}/builds", self.base)
     }
 }
 
@@ -196,6 +213,23 @@ impl Timeouts {
 pub struct Build {
     pub id: u64,
     pub out_path: StorePath,
+    /// When the build finished (Unix time), if Hydra says.
+    pub stoptime: Option<u64>,
+    pub system: Option<String>,
+}
+
+/// Which of the job's builds to deploy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// `JOB/latest`: the highest successful build id, any system.
+    Latest,
+    /// `JOB/latest-for/SYSTEM`.
+    LatestFor(String),
+    /// `JOB/latest-finished`: from an evaluation with no unfinished builds.
+    LatestFinished,
+    /// This job's build in the newest evaluation whose builds all
+    /// finished successfully, optionally for one system.
+    WholeJobset { system: Option<String> },
 }
 
 pub struct Client {
@@ -203,6 +237,8 @@ pub struct Client {
     job: JobUri,
     authorization: Option<String>,
     store: StoreDir,
+    selection: Selection,
+    output: String,
 }
 
 impl Client {
@@ -211,6 +247,8 @@ impl Client {
         credentials: Option<Credentials>,
         timeouts: Timeouts,
         store: StoreDir,
+        selection: Selection,
+        output: String,
     ) -> Result<Self> {
         let mut config = Agent::config_builder()
             .max_redirects(0)
@@ -227,6 +265,8 @@ impl Client {
             authorization: credentials.map(|c| c.header_value()),
             job,
             store,
+            selection,
+            output,
         })
     }
 
@@ -234,12 +274,100 @@ impl Client {
         &self.job
     }
 
-    /// The job's latest successful build: Hydra's `latest` redirect, then the
-    /// build it names, fetched from the job URI's own origin.
+    /// The build to deploy, as the selection says: for the `latest`
+    /// endpoints, Hydra's redirect, then the build it names, fetched from
+    /// the job URI's own origin.
     pub fn latest_build(&self) -> Result<Build> {
-        let url = self.job.latest_url();
+        let endpoint = match &self.selection {
+            Selection::Latest => "latest".to_owned(),
+            Selection::LatestFor(system) => format!("latest-for/{system}"),
+            Selection::LatestFinished => "latest-finished".to_owned(),
+            Selection::WholeJobset { system } => return self.whole_jobset_build(system.as_deref()),
+        };
+        let url = format!("{}/{endpoint}", self.job.url());
         let id = self.redirect_target(&url)?;
         self.build(id)
+    }
+
+    /// `--wait-for-jobset`: the newest evaluation (of a bounded number) whose
+    /// builds all finished successfully and that has a build of this job.
+    fn whole_jobset_build(&self, system: Option<&str>) -> Result<Build> {
+        let mut checked = 0;
+        let mut skipped = Vec::new();
+        for page in 1..=MAX_EVAL_PAGES {
+            let url = self.job.evals_url(page);
+            let listing = self.get_json(&url, MAX_BODY)?;
+            let evals = listing
+                .get("evals")
+                .and_then(Value::as_array)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "Hydra's answer to {url} has no \"evals\" list: {}",
+                        quote(&listing)
+                    )
+                })?;
+            for eval in evals {
+                let id = eval.get("id").and_then(Value::as_u64).ok_or_else(|| {
+                    anyhow!("an evaluation in {url} has no numeric id: {}", quote(eval))
+                })?;
+                if checked == MAX_EVALS_CHECKED {
+                    bail!(
+                        "none of the newest {MAX_EVALS_CHECKED} evaluations of jobset {}/{} finished \
+                         with every build successful and a build of {} ({}); waiting for one",
+                        self.job.project,
+                        self.job.jobset,
+                        self.job.job,
+                        skipped.join(", ")
+                    );
+                }
+                checked += 1;
+                let builds_url = self.job.eval_builds_url(id);
+                let builds = self.get_json(&builds_url, MAX_EVAL_BUILDS_BODY)?;
+                let builds = builds.as_array().ok_or_else(|| {
+                    anyhow!("Hydra's answer to {builds_url} is not a list of builds")
+                })?;
+                match eval_verdict(builds, &self.job.job, system) {
+                    EvalVerdict::Deploy(build) => {
+                        let build_id = build.get("id").and_then(Value::as_u64).unwrap_or_default();
+                        if !skipped.is_empty() {
+                            log::info!(
+                                "deploying from evaluation {id}; newer evaluations are not complete: {}",
+                                skipped.join(", ")
+                            );
+                        }
+                        return parse_build(build, build_id, &self.output, &self.store).with_context(|| {
+                            format!("Hydra's build {build_id} (in evaluation {id}) cannot be deployed")
+                        });
+                    }
+                    EvalVerdict::Skip(why) => skipped.push(format!("evaluation {id} {why}")),
+                }
+            }
+            if listing.get("next").is_none_or(Value::is_null) {
+                break;
+            }
+        }
+        bail!(
+            "no evaluation of jobset {}/{} has finished with every build successful and a build of {} \
+             ({}); waiting for one",
+            self.job.project,
+            self.job.jobset,
+            self.job.job,
+            if skipped.is_empty() {
+                "it has no evaluations".to_owned()
+            } else {
+                skipped.join(", ")
+            }
+        )
+    }
+
+    fn get_json(&self, url: &str, limit: u64) -> Result<Value> {
+        let mut response = self.get(url)?;
+        let body = read_body(&mut response, url, limit)?;
+        let status = response.status();
+        if status != StatusCode::OK {
+            return Err(self.status_error(url, status, &response, &body, None));
+        }
+        parse_json(&response, &body, url)
     }
 
     /// Follows nothing: reads the build id out of the 302 that Hydra's
@@ -252,7 +380,7 @@ impl Client {
             .get(header::LOCATION)
             .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
         // Read the small "Moved" page so the connection can be reused.
-        let body = read_body(&mut response, url)?;
+        let body = read_body(&mut response, url, MAX_BODY)?;
         match (status, location) {
             (
                 StatusCode::FOUND | StatusCode::SEE_OTHER | StatusCode::TEMPORARY_REDIRECT,
@@ -286,14 +414,8 @@ impl Client {
     /// `GET BASE/build/ID`, validated into a deployable [`Build`].
     fn build(&self, id: u64) -> Result<Build> {
         let url = self.job.build_url(id);
-        let mut response = self.get(&url)?;
-        let body = read_body(&mut response, &url)?;
-        let status = response.status();
-        if status != StatusCode::OK {
-            return Err(self.status_error(&url, status, &response, &body, None));
-        }
-        let json = parse_json(&response, &body, &url)?;
-        parse_build(&json, id, "out", &self.store)
+        let json = self.get_json(&url, MAX_BODY)?;
+        parse_build(&json, id, &self.output, &self.store)
             .with_context(|| format!("Hydra's build {id} ({url}) cannot be deployed"))
     }
 
@@ -380,13 +502,13 @@ fn describe_transport_error(err: ureq::Error, url: &str) -> anyhow::Error {
     }
 }
 
-fn read_body(response: &mut Response<ureq::Body>, url: &str) -> Result<Vec<u8>> {
+fn read_body(response: &mut Response<ureq::Body>, url: &str, limit: u64) -> Result<Vec<u8>> {
     let mut body = Vec::new();
-    // Read one byte past the limit to tell "exactly 1 MiB" from "more".
+    // Read one byte past the limit to tell "exactly the limit" from "more".
     let reader = response.body_mut().as_reader();
-    match reader.take(MAX_BODY + 1).read_to_end(&mut body) {
-        Ok(_) if body.len() as u64 > MAX_BODY => {
-            bail!("Hydra's answer to {url} is larger than {MAX_BODY} bytes; refusing it")
+    match reader.take(limit + 1).read_to_end(&mut body) {
+        Ok(_) if body.len() as u64 > limit => {
+            bail!("Hydra's answer to {url} is larger than {limit} bytes; refusing it")
         }
         Ok(_) => Ok(body),
         Err(err) => Err(anyhow::Error::new(err).context(format!(
@@ -447,6 +569,38 @@ fn build_id_from_location(location: &str) -> Option<(u64, Option<String>)> {
         return None;
     }
     Some((id.parse().ok()?, origin))
+}
+
+enum EvalVerdict<'a> {
+    Deploy(&'a Value),
+    Skip(String),
+}
+
+/// Whether an evaluation's builds all finished successfully, and if so,
+/// which of them is this job's (for `system`, if given).
+fn eval_verdict<'a>(builds: &'a [Value], job: &str, system: Option<&str>) -> EvalVerdict<'a> {
+    let unfinished = builds
+        .iter()
+        .filter(|b| b.get("finished").and_then(Value::as_i64) != Some(1))
+        .count();
+    if unfinished > 0 {
+        return EvalVerdict::Skip(format!("has {unfinished} unfinished builds"));
+    }
+    let failed = builds
+        .iter()
+        .filter(|b| b.get("buildstatus").and_then(Value::as_i64) != Some(0))
+        .count();
+    if failed > 0 {
+        return EvalVerdict::Skip(format!("has {failed} failed builds"));
+    }
+    let ours = builds.iter().find(|b| {
+        b.get("job").and_then(Value::as_str) == Some(job)
+            && system.is_none_or(|s| b.get("system").and_then(Value::as_str) == Some(s))
+    });
+    match ours {
+        Some(build) => EvalVerdict::Deploy(build),
+        None => EvalVerdict::Skip(format!("has no build of {job}")),
+    }
 }
 
 /// Validates a Hydra build object as a finished, successful build with a
@@ -520,6 +674,11 @@ pub fn parse_build(
     Ok(Build {
         id: expected_id,
         out_path,
+        stoptime: json.get("stoptime").and_then(Value::as_u64),
+        system: json
+            .get("system")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
     })
 }
 
@@ -700,10 +859,42 @@ mod tests {
     }
 
     #[test]
+    fn eval_verdicts_on_captured_builds() {
+        let builds: Value =
+            serde_json::from_str(include_str!("../tests/data/hydra/eval-builds.json")).unwrap();
+        let builds = builds.as_array().unwrap();
+        // Build 5 of evaluation 3 is still queued.
+        assert!(
+            matches!(eval_verdict(builds, "agent", None), EvalVerdict::Skip(why) if why.contains("1 unfinished"))
+        );
+        let finished: Vec<Value> = builds
+            .iter()
+            .filter(|b| b["finished"] == 1)
+            .cloned()
+            .collect();
+        let EvalVerdict::Deploy(build) = eval_verdict(&finished, "agent", Some("x86_64-linux"))
+        else {
+            panic!("no deployable build");
+        };
+        assert_eq!(build["id"], 4);
+        let EvalVerdict::Deploy(build) = eval_verdict(&finished, "agent", Some("aarch64-linux"))
+        else {
+            panic!("no deployable build");
+        };
+        assert_eq!(build["id"], 3);
+        assert!(matches!(
+            eval_verdict(&finished, "nosuch", None),
+            EvalVerdict::Skip(_)
+        ));
+    }
+
+    #[test]
     fn parses_the_captured_build() {
         let store = StoreDir::new("/nix/store");
         let build = parse_build(&build_json(), 4, "out", &store).unwrap();
         assert_eq!(build.id, 4);
+        assert_eq!(build.stoptime, Some(1_700_000_220));
+        assert!(parse_build(&build_json(), 4, "bin", &store).is_err());
         assert!(build.out_path.as_str().starts_with("/nix/store/"));
     }
 

@@ -5,11 +5,13 @@ pub mod activate;
 pub mod cli;
 pub mod credentials;
 pub mod hydra;
+pub mod metrics;
 pub mod pass;
 pub mod process;
 pub mod profile;
 pub mod report;
 pub mod state;
+pub mod status;
 pub mod store_path;
 
 use std::process::ExitCode;
@@ -19,7 +21,8 @@ use clap::Parser;
 
 use crate::activate::Runner;
 use crate::cli::{Cli, Command};
-use crate::pass::Pass;
+use crate::hydra::Selection;
+use crate::pass::{Pass, PassConfig};
 use crate::profile::Profile;
 use crate::state::StateDir;
 use crate::store_path::StoreDir;
@@ -29,6 +32,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let (profile, job) = match &cli.command {
         Some(Command::Activate(args)) => (args.profile.profile.as_ref(), None),
+        Some(Command::Status(_)) => (None, None),
         None => (cli.pass.profile.profile.as_ref(), cli.pass.job_uri.as_ref()),
     };
     report::init(
@@ -38,7 +42,12 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            log::error!("{err:#}");
+            report::event(
+                log::Level::Error,
+                report::message_id::ERROR,
+                None,
+                format_args!("{err:#}"),
+            );
             ExitCode::from(pass::exit_status(&err))
         }
     }
@@ -52,6 +61,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let runner = Runner::detect(&profile.name);
             pass::activate_existing(&profile, &store, &runner, args.activate_timeout)?;
         }
+        Some(Command::Status(args)) => {
+            let states = args
+                .state_dir
+                .map_or_else(StateDir::default_from_env, StateDir::new);
+            print!("{}", status::show(&states, &args.profiles, args.json)?);
+        }
         None => {
             let args = cli.pass;
             let profile = profile_from(&args.profile)?;
@@ -62,8 +77,22 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let timeouts = args
                 .timeout
                 .map_or(hydra::Timeouts::DEFAULT, hydra::Timeouts::total);
-            let pass = Pass {
-                hydra: hydra::Client::new(job, credentials, timeouts, store.clone())?,
+            let selection = match (args.wait_for_jobset, args.latest_finished, args.system) {
+                (true, _, system) => Selection::WholeJobset { system },
+                (false, true, _) => Selection::LatestFinished,
+                (false, false, Some(system)) => Selection::LatestFor(system),
+                (false, false, None) => Selection::Latest,
+            };
+            let hydra = hydra::Client::new(
+                job,
+                credentials,
+                timeouts,
+                store.clone(),
+                selection,
+                args.output,
+            )?;
+            let pass = Pass::from(PassConfig {
+                hydra,
                 runner: Runner::detect(&profile.name),
                 profile,
                 store,
@@ -75,7 +104,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 dry_run: args.dry_run,
                 retry_failed: args.retry_failed,
                 force: args.force,
-            };
+                min_build_age: args.min_build_age,
+                keep_generations: args.keep_generations,
+                metrics_file: args.metrics_file,
+            });
             pass.run()?;
         }
     }

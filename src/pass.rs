@@ -2,17 +2,21 @@
 //! profile and with what hail remembers, then switch, activate, and roll back
 //! if activation fails.
 
+use std::cell::Cell;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use log::Level;
 
 use crate::activate::{self, Activation, ActivationFailure, Runner};
 use crate::hydra::{self, Build};
+use crate::metrics;
 use crate::profile::Profile;
-use crate::report;
+use crate::report::{self, message_id};
 use crate::state::{
     self, ActivationState, Check, Deployment, FailedBuild, Hold, LastError, Previous, State,
-    StateDir,
+    StateDir, Waiting,
 };
 use crate::store_path::{StoreDir, StorePath};
 
@@ -35,6 +39,70 @@ pub struct Pass {
     pub retry_failed: bool,
     /// Deploy Hydra's latest even though an operator rolled the profile back.
     pub force: bool,
+    /// Deploy a build only once it has been finished this long.
+    pub min_build_age: Option<Duration>,
+    /// After a successful deploy, keep only this many generations.
+    pub keep_generations: Option<u64>,
+    pub metrics_file: Option<PathBuf>,
+    /// What the pass is doing, which names the kind of a failure.
+    step: Cell<Step>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    State,
+    Hydra,
+    Nix,
+    Activation,
+}
+
+impl Step {
+    fn kind(self) -> &'static str {
+        match self {
+            Self::State => "state",
+            Self::Hydra => "hydra",
+            Self::Nix => "nix",
+            Self::Activation => "activation",
+        }
+    }
+}
+
+/// Everything a pass needs; see [`Pass`].
+pub struct PassConfig {
+    pub hydra: hydra::Client,
+    pub profile: Profile,
+    pub store: StoreDir,
+    pub state: StateDir,
+    pub runner: Runner,
+    pub lock_timeout: Duration,
+    pub activate_timeout: Duration,
+    pub dry_run: bool,
+    pub retry_failed: bool,
+    pub force: bool,
+    pub min_build_age: Option<Duration>,
+    pub keep_generations: Option<u64>,
+    pub metrics_file: Option<PathBuf>,
+}
+
+impl From<PassConfig> for Pass {
+    fn from(c: PassConfig) -> Self {
+        Self {
+            hydra: c.hydra,
+            profile: c.profile,
+            store: c.store,
+            state: c.state,
+            runner: c.runner,
+            lock_timeout: c.lock_timeout,
+            activate_timeout: c.activate_timeout,
+            dry_run: c.dry_run,
+            retry_failed: c.retry_failed,
+            force: c.force,
+            min_build_age: c.min_build_age,
+            keep_generations: c.keep_generations,
+            metrics_file: c.metrics_file,
+            step: Cell::new(Step::State),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +113,8 @@ pub enum Outcome {
     Reactivated,
     /// The profile was moved away from hail's deployment; hail holds off.
     Held,
+    /// Hydra's build is newer but younger than `--min-build-age`.
+    Waiting,
     WouldDeploy,
 }
 
@@ -55,6 +125,7 @@ impl Outcome {
             Self::Deployed => "deployed",
             Self::Reactivated => "reactivated",
             Self::Held => "held",
+            Self::Waiting => "waiting",
             Self::WouldDeploy => "would-deploy",
         }
     }
@@ -92,21 +163,53 @@ impl Pass {
         let mut state = self.state.load(&self.profile.name);
         let mut latest = None;
         let result = self.decide(&mut state, &mut latest);
+        if !matches!(result, Ok(Outcome::Waiting)) {
+            state.waiting = None;
+        }
+        self.record(&mut state, &result, latest);
 
+        let saved =
+            self.state
+                .save(&self.profile.name, &state)
+                .and_then(|()| match &self.metrics_file {
+                    Some(path) => metrics::write(path, &self.profile.name, &state),
+                    None => Ok(()),
+                });
+        if let Err(err) = saved {
+            match result {
+                // The pass's own error says more; the state is secondary.
+                Err(_) => log::warn!("{err:#}"),
+                Ok(_) => return Err(err),
+            }
+        }
+        result
+    }
+
+    /// Notes how the pass went in the state: last check, last error, counters.
+    fn record(&self, state: &mut State, result: &Result<Outcome>, latest: Option<u64>) {
         let at = state::now();
-        match &result {
+        match result {
             Ok(outcome) => {
+                let at_latest = matches!(
+                    outcome,
+                    Outcome::UpToDate | Outcome::Deployed | Outcome::Reactivated
+                );
                 state.last_check = Some(Check {
                     at,
                     result: outcome.label().into(),
                     latest_build_id: latest,
+                    at_latest,
                 });
-                if *outcome != Outcome::Held {
+                if at_latest {
                     state.last_success = Some(at);
+                }
+                if *outcome == Outcome::Deployed {
+                    state.counters.deploys += 1;
                 }
             }
             Err(err) => {
                 let exit_status = exit_status(err);
+                let kind = self.step.get().kind();
                 let result = if exit_status == EXIT_ACTIVATION_FAILED {
                     "activation-failed"
                 } else {
@@ -116,22 +219,17 @@ impl Pass {
                     at,
                     result: result.into(),
                     latest_build_id: latest,
+                    at_latest: false,
                 });
                 state.last_error = Some(LastError {
                     at,
                     message: format!("{err:#}"),
                     exit_status,
+                    kind: kind.into(),
                 });
+                *state.counters.errors.entry(kind.into()).or_default() += 1;
             }
         }
-        if let Err(err) = self.state.save(&self.profile.name, &state) {
-            match result {
-                // The pass's own error says more; the state is secondary.
-                Err(_) => log::warn!("{err:#}"),
-                Ok(_) => return Err(err),
-            }
-        }
-        result
     }
 
     fn dry_run(&self) -> Result<Outcome> {
@@ -155,8 +253,10 @@ impl Pass {
 
     fn decide(&self, state: &mut State, latest: &mut Option<u64>) -> Result<Outcome> {
         report::status(&format!("asking Hydra for {}", self.hydra.job()));
+        self.step.set(Step::Hydra);
         let build = self.hydra.latest_build()?;
         *latest = Some(build.id);
+        self.step.set(Step::State);
         let current = self.profile.current_target(&self.store)?;
         let current_str = current.as_ref().map(StorePath::as_str);
 
@@ -167,15 +267,25 @@ impl Pass {
             && current_str == Some(deployed.store_path.as_str())
             && deployed.store_path == build.out_path.as_str()
         {
-            log::warn!(
-                "the activation of build {} was interrupted; running it again",
-                build.id
+            report::event(
+                Level::Warn,
+                message_id::ACTIVATION_FAILED,
+                Some((build.id, build.out_path.as_str())),
+                format_args!(
+                    "the activation of build {} was interrupted; running it again",
+                    build.id
+                ),
             );
             return self.activate(state, &build).map(|_| Outcome::Reactivated);
         }
 
         if current.as_ref() == Some(&build.out_path) {
-            log::info!("up to date: build {} ({})", build.id, build.out_path);
+            report::event(
+                Level::Info,
+                message_id::UP_TO_DATE,
+                Some((build.id, build.out_path.as_str())),
+                format_args!("up to date: build {} ({})", build.id, build.out_path),
+            );
             report::status(&format!("up to date: build {}", build.id));
             if state.deployed.as_ref().map(|d| d.store_path.as_str()) != current_str {
                 // Deployed by someone else (or hail's state was lost): adopt it.
@@ -210,15 +320,20 @@ impl Pass {
             let moved_by_hand =
                 !switch_never_happened && current_str != Some(deployed.store_path.as_str());
             if moved_by_hand && build.id <= deployed.build_id {
-                log::warn!(
-                    "holding: profile {} points to {} instead of build {} ({}) that hail deployed; \
-                     someone rolled it back or switched generations. hail deploys again when Hydra \
-                     has a build newer than {} (or run it with --force)",
-                    self.profile.path().display(),
-                    current_str.unwrap_or("nothing"),
-                    deployed.build_id,
-                    deployed.store_path,
-                    deployed.build_id
+                report::event(
+                    Level::Warn,
+                    message_id::HELD,
+                    Some((deployed.build_id, deployed.store_path.as_str())),
+                    format_args!(
+                        "holding: profile {} points to {} instead of build {} ({}) that hail deployed; \
+                         someone rolled it back or switched generations. hail deploys again when Hydra \
+                         has a build newer than {} (or run it with --force)",
+                        self.profile.path().display(),
+                        current_str.unwrap_or("nothing"),
+                        deployed.build_id,
+                        deployed.store_path,
+                        deployed.build_id
+                    ),
                 );
                 report::status(&format!(
                     "holding: build {} was rolled back by hand",
@@ -235,6 +350,36 @@ impl Pass {
         }
 
         state.held = None;
+
+        if let Some(min_age) = self.min_build_age
+            && let Some(eligible_at) = build.stoptime.map(|t| t + min_age.as_secs())
+            && eligible_at > state::now()
+        {
+            report::event(
+                Level::Info,
+                message_id::HELD,
+                Some((build.id, build.out_path.as_str())),
+                format_args!(
+                    "build {} finished {} ago; it becomes eligible at {} (--min-build-age); \
+                     the current deployment stays",
+                    build.id,
+                    ago(build.stoptime.unwrap_or_default()),
+                    report::utc(eligible_at)
+                ),
+            );
+            report::status(&format!(
+                "waiting: build {} eligible at {}",
+                build.id,
+                report::utc(eligible_at)
+            ));
+            state.waiting = Some(Waiting {
+                build_id: build.id,
+                store_path: build.out_path.to_string(),
+                eligible_at,
+            });
+            return Ok(Outcome::Waiting);
+        }
+
         self.deploy(state, &build, current)
     }
 
@@ -262,6 +407,7 @@ impl Pass {
         current: Option<StorePath>,
     ) -> Result<Outcome> {
         log::info!("deploying build {} ({})", build.id, build.out_path);
+        self.step.set(Step::State);
         let previous = current.map(|path| Previous {
             build_id: state
                 .deployed
@@ -280,6 +426,7 @@ impl Pass {
         self.state.save(&self.profile.name, state)?;
 
         report::status(&format!("realising build {} {}", build.id, build.out_path));
+        self.step.set(Step::Nix);
         if let Err(err) = self.profile.switch_to(&build.out_path) {
             state.deployed = before;
             return Err(err.context(format!("build {} was not deployed", build.id)));
@@ -287,13 +434,45 @@ impl Pass {
         if let Some(deployed) = &mut state.deployed {
             deployed.generation = self.profile.current_generation();
         }
+        self.step.set(Step::State);
         self.state.save(&self.profile.name, state)?;
-        self.activate(state, build).map(|_| Outcome::Deployed)
+        self.activate(state, build)?;
+        if let Some(keep) = self.keep_generations {
+            self.prune(state, keep);
+        }
+        Ok(Outcome::Deployed)
+    }
+
+    /// Deletes all but the newest `keep` generations; never the current one.
+    /// A failure here is worth a warning, not a failed deploy.
+    fn prune(&self, state: &State, keep: u64) {
+        let current = self.profile.current_generation();
+        let deployed = state.deployed.as_ref().and_then(|d| d.generation);
+        let generations = match self.profile.generations() {
+            Ok(generations) => generations,
+            Err(err) => return log::warn!("not pruning generations: {err:#}"),
+        };
+        let keep_from = generations
+            .len()
+            .saturating_sub(usize::try_from(keep).unwrap_or(usize::MAX));
+        let old: Vec<u64> = generations[..keep_from]
+            .iter()
+            .copied()
+            .filter(|g| Some(*g) != current && Some(*g) != deployed)
+            .collect();
+        if old.is_empty() {
+            return;
+        }
+        match self.profile.delete_generations(&old) {
+            Ok(()) => log::info!("deleted old generations {old:?} (--keep-generations {keep})"),
+            Err(err) => log::warn!("{err:#}"),
+        }
     }
 
     /// Runs the deployed build's activate; rolls back if it fails.
     fn activate(&self, state: &mut State, build: &Build) -> Result<()> {
         report::status(&format!("activating build {}", build.id));
+        self.step.set(Step::Activation);
         let id = build.id.to_string();
         let previous = state
             .deployed
@@ -315,15 +494,19 @@ impl Pass {
         )?;
         match activation {
             Activation::Succeeded | Activation::NoScript => {
-                if matches!(activation, Activation::NoScript) {
-                    log::warn!(
-                        "deployed build {} ({}), but it has no bin/activate: nothing was activated",
-                        build.id,
-                        build.out_path
-                    );
-                } else {
-                    log::info!("deployed build {} ({})", build.id, build.out_path);
-                }
+                let (level, note) = match activation {
+                    Activation::NoScript => (
+                        Level::Warn,
+                        ", but it has no bin/activate: nothing was activated",
+                    ),
+                    _ => (Level::Info, ""),
+                };
+                report::event(
+                    level,
+                    message_id::DEPLOYED,
+                    Some((build.id, build.out_path.as_str())),
+                    format_args!("deployed build {} ({}){note}", build.id, build.out_path),
+                );
                 if let Some(deployed) = &mut state.deployed {
                     deployed.activation = ActivationState::Done;
                 }
@@ -348,12 +531,16 @@ impl Pass {
             "activation of build {} failed; rolling back",
             build.id
         ));
-        log::warn!(
-            "activation of build {} ({}) {}; rolling back",
-            build.id,
-            build.out_path,
-            failure.how
+        report::event(
+            Level::Warn,
+            message_id::ACTIVATION_FAILED,
+            Some((build.id, build.out_path.as_str())),
+            format_args!(
+                "activation of build {} ({}) {}; rolling back",
+                build.id, build.out_path, failure.how
+            ),
         );
+        state.counters.rollbacks += 1;
         state.failed = Some(FailedBuild {
             build_id: build.id,
             store_path: build.out_path.to_string(),
@@ -374,6 +561,12 @@ impl Pass {
                 .map(|()| "removed the profile (there was no previous generation)".to_owned()),
         };
         let outcome = outcome.unwrap_or_else(|err| format!("ROLLING BACK FAILED TOO: {err:#}"));
+        report::event(
+            Level::Warn,
+            message_id::ROLLED_BACK,
+            Some((build.id, build.out_path.as_str())),
+            format_args!("build {}: {outcome}", build.id),
+        );
         report::status(&format!(
             "activation of build {} failed; {outcome}",
             build.id
@@ -432,7 +625,6 @@ impl Pass {
             self.activate_timeout,
         )? {
             Activation::Succeeded | Activation::NoScript => {
-                log::info!("{back} and re-activated it");
                 Ok(format!("{back} and re-activated it"))
             }
             Activation::Failed(again) => Ok(format!(

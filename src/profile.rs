@@ -148,9 +148,14 @@ impl Profile {
 
     /// Deletes one generation that is not the current one.
     pub fn delete_generation(&self, generation: u64) -> Result<()> {
-        process::run(nix_env_delete_generations(&self.path, &[generation])).with_context(|| {
+        self.delete_generations(&[generation])
+    }
+
+    /// Deletes generations that are not the current one.
+    pub fn delete_generations(&self, generations: &[u64]) -> Result<()> {
+        process::run(nix_env_delete_generations(&self.path, generations)).with_context(|| {
             format!(
-                "could not delete generation {generation} of profile {}",
+                "could not delete generations {generations:?} of profile {}",
                 self.path.display()
             )
         })

@@ -73,3 +73,74 @@ pub fn status(what: &str) {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(what)]);
     }
 }
+
+/// Journal `MESSAGE_ID`s, one per kind of event, so that
+/// `journalctl MESSAGE_ID=…` finds every such event on a host.
+pub mod message_id {
+    /// A build was deployed and activated.
+    pub const DEPLOYED: &str = "251f8a6c551b4b19b4be55e60031ffc1";
+    /// The profile already was at Hydra's latest build.
+    pub const UP_TO_DATE: &str = "46bbe7bae8fb484ab2b15bf5fc5c4cc1";
+    /// A build's activate failed.
+    pub const ACTIVATION_FAILED: &str = "3ae9cc2b13824065822447e427e83f74";
+    /// The profile was put back to its previous generation (or removed).
+    pub const ROLLED_BACK: &str = "896b2940203e46dcbc031352a55f528d";
+    /// hail holds off: an operator rolled back, or a build is too young.
+    pub const HELD: &str = "65de339cb6074b3fb9feb53b1303be1b";
+    /// The pass failed (the message says why).
+    pub const ERROR: &str = "882b1e906bcc447aa9697b1e6b85d52d";
+}
+
+/// `2026-11-25 22:05:09 UTC` for a Unix time.
+pub fn utc(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian calendar).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(1_700_000_220), "2023-11-14 22:17:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+    }
+}
+
+/// Logs one event with its `MESSAGE_ID` and, when it concerns a build,
+/// `HAIL_BUILD_ID` and `HAIL_STORE_PATH` journal fields.
+pub fn event(level: Level, id: &str, build: Option<(u64, &str)>, message: std::fmt::Arguments<'_>) {
+    match build {
+        Some((build_id, store_path)) => log::log!(
+            level,
+            message_id = id,
+            hail_build_id = build_id,
+            hail_store_path = store_path;
+            "{message}"
+        ),
+        None => log::log!(level, message_id = id; "{message}"),
+    }
+}

@@ -190,10 +190,30 @@ pub struct State {
     /// Set while hail holds off because the profile was moved away from what
     /// it deployed (an operator's rollback).
     pub held: Option<Hold>,
+    /// A newer build that is not old enough yet (`--min-build-age`).
+    pub waiting: Option<Waiting>,
     pub last_check: Option<Check>,
     pub last_error: Option<LastError>,
     /// When the last pass that deployed or found the profile up to date ended.
     pub last_success: Option<u64>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    pub deploys: u64,
+    pub rollbacks: u64,
+    /// Failed passes by kind: hydra, nix, activation, state.
+    pub errors: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Waiting {
+    pub build_id: u64,
+    pub store_path: String,
+    /// When the build becomes old enough to deploy.
+    pub eligible_at: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -247,6 +267,9 @@ pub struct Check {
     pub at: u64,
     pub result: String,
     pub latest_build_id: Option<u64>,
+    /// Whether the profile was at the build Hydra offered when the pass ended.
+    #[serde(default)]
+    pub at_latest: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -254,6 +277,8 @@ pub struct LastError {
     pub at: u64,
     pub message: String,
     pub exit_status: u8,
+    #[serde(default)]
+    pub kind: String,
 }
 
 #[cfg(test)]
