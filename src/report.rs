@@ -118,18 +118,6 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(utc(1_700_000_220), "2023-11-14 22:17:00 UTC");
-        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
-    }
-}
-
 /// Logs one event with its `MESSAGE_ID` and, when it concerns a build,
 /// `HAIL_BUILD_ID` and `HAIL_STORE_PATH` journal fields.
 pub fn event(level: Level, id: &str, build: Option<(u64, &str)>, message: std::fmt::Arguments<'_>) {
@@ -142,5 +130,17 @@ pub fn event(level: Level, id: &str, build: Option<(u64, &str)>, message: std::f
             "{message}"
         ),
         None => log::log!(level, message_id = id; "{message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(1_700_000_220), "2023-11-14 22:17:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
     }
 }
