@@ -106,17 +106,54 @@ impl Hydra {
         f(&mut self.shared.lock().expect("stand-in state"))
     }
 
-    /// Adds a build of `hail:main:job` with the next id: `status` 0 is a
-    /// success; `None` is queued (unfinished). Returns its id.
+    /// Adds a build of `hail:main:job` for x86_64-linux with the next id, in
+    /// an evaluation of its own: `status` 0 is a success; `None` is queued
+    /// (unfinished). Returns its id.
     pub fn add_build(&self, job: &str, out_path: &str, status: Option<i64>) -> u64 {
+        self.add_build_in(job, "x86_64-linux", out_path, status, None)
+    }
+
+    /// Adds a build for `system` in evaluation `eval` (a new evaluation
+    /// numbered like the build if `None`). Returns its id.
+    pub fn add_build_in(
+        &self,
+        job: &str,
+        system: &str,
+        out_path: &str,
+        status: Option<i64>,
+        eval: Option<u64>,
+    ) -> u64 {
         self.with(|s| {
             if s.jobsets.is_empty() {
                 s.jobsets.push(("hail".into(), "main".into()));
             }
             let id = s.builds.keys().next_back().map_or(1, |id| id + 1);
-            s.builds.insert(id, build_object(id, job, out_path, status));
+            let mut build = build_object(id, job, out_path, status);
+            build["system"] = system.into();
+            build["jobsetevals"] = json!([eval.unwrap_or(id)]);
+            s.builds.insert(id, build);
             id
         })
+    }
+
+    /// Finishes a queued build with `status`.
+    pub fn finish_build(&self, id: u64, status: i64) {
+        self.with(|s| {
+            if let Some(build) = s.builds.get_mut(&id) {
+                build["finished"] = 1.into();
+                build["buildstatus"] = status.into();
+                build["stoptime"] = build["timestamp"].clone();
+            }
+        });
+    }
+
+    /// Sets when a build finished (Unix time).
+    pub fn set_stoptime(&self, id: u64, stoptime: u64) {
+        self.with(|s| {
+            if let Some(build) = s.builds.get_mut(&id) {
+                build["stoptime"] = stoptime.into();
+            }
+        });
     }
 
     /// Serves `build` as `/build/ID` instead of the real build object (for
@@ -310,30 +347,93 @@ fn answer(s: &Shared, request: &Request) -> Vec<u8> {
     }
     let json = wants_json(request);
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let known_jobset =
+        |project: &str, jobset: &str| s.jobsets.iter().any(|(p, j)| p == project && j == jobset);
     match segments[..] {
-        ["job", project, jobset, job, "latest"] => {
-            if !s.jobsets.iter().any(|(p, j)| p == project && j == jobset) {
+        ["job", project, jobset, job, "latest"]
+        | ["job", project, jobset, job, "latest-for", _]
+        | ["job", project, jobset, job, "latest-finished"] => {
+            if !known_jobset(project, jobset) {
                 return error(
                     json,
                     404,
                     &format!("Jobset \u{2018}{jobset}\u{2019} doesn't exist."),
                 );
             }
-            let latest = s
-                .builds
-                .iter()
-                .rev()
-                .find(|(_, b)| b["job"] == job && b["finished"] == 1 && b["buildstatus"] == 0);
-            match latest {
-                Some((id, _)) => {
+            let system = match segments[4..] {
+                ["latest-for", system] => Some(system),
+                _ => None,
+            };
+            let finished_only = segments[4] == "latest-finished";
+            // The highest id of a successful build of the job, as Hydra's SQL has it.
+            let latest = s.builds.iter().rev().find(|(_, b)| {
+                b["job"] == job
+                    && b["finished"] == 1
+                    && b["buildstatus"] == 0
+                    && system.is_none_or(|sys| b["system"] == sys)
+                    && (!finished_only || in_complete_eval(s, b))
+            });
+            match (latest, system) {
+                (Some((id, _)), _) => {
                     let origin = s.location_origin.clone().unwrap_or_else(|| {
                         format!("http://{}", request.header("Host").unwrap_or("localhost"))
                     });
                     redirect(&format!("{origin}/build/{id}"))
                 }
-                None => error(json, 404, "There is no successful build to redirect to."),
+                (None, Some(system)) => error(
+                    json,
+                    404,
+                    &format!(
+                        "There is no successful build for platform `{system}' to redirect to."
+                    ),
+                ),
+                (None, None) => error(json, 404, "There is no successful build to redirect to."),
             }
         }
+        ["jobset", project, jobset, "evals"] if json && known_jobset(project, jobset) => {
+            let page: usize = request
+                .path
+                .split_once("?page=")
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or(1)
+                .max(1);
+            let ids = eval_ids(s);
+            let pages = ids.len().div_ceil(20).max(1);
+            let evals: Vec<Value> = ids
+                .iter()
+                .skip((page - 1) * 20)
+                .take(20)
+                .map(|id| eval_object(s, *id))
+                .collect();
+            let mut listing = json!({
+                "evals": evals,
+                "first": "?page=1",
+                "last": format!("?page={pages}"),
+            });
+            if page < pages {
+                listing["next"] = format!("?page={}", page + 1).into();
+            }
+            if page > 1 {
+                listing["previous"] = format!("?page={}", page - 1).into();
+            }
+            encode(
+                200,
+                &[("Content-Type", "application/json")],
+                shuffled(&listing).as_bytes(),
+            )
+        }
+        ["eval", id, "builds"] if json => match id.parse::<u64>() {
+            Ok(id) if eval_ids(s).contains(&id) => {
+                let builds: Vec<String> = eval_builds(s, id).map(shuffled).collect();
+                let body = format!("[{}]", builds.join(","));
+                encode(
+                    200,
+                    &[("Content-Type", "application/json")],
+                    body.as_bytes(),
+                )
+            }
+            _ => error(json, 404, &format!("Evaluation {id} doesn't exist.")),
+        },
         ["build", id] => match id.parse::<u64>() {
             Ok(id) => match s.served.get(&id).or_else(|| s.builds.get(&id)) {
                 Some(build) if json => encode(
@@ -352,6 +452,55 @@ fn answer(s: &Shared, request: &Request) -> Vec<u8> {
         },
         _ => error(json, 404, "Page not found."),
     }
+}
+
+/// Evaluation ids, newest first.
+fn eval_ids(s: &Shared) -> Vec<u64> {
+    let mut ids: Vec<u64> = s
+        .builds
+        .values()
+        .flat_map(|b| b["jobsetevals"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e.as_u64())
+        .collect();
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    ids.dedup();
+    ids
+}
+
+fn eval_builds(s: &Shared, eval: u64) -> impl Iterator<Item = &Value> {
+    s.builds.values().filter(move |b| {
+        b["jobsetevals"]
+            .as_array()
+            .is_some_and(|es| es.contains(&eval.into()))
+    })
+}
+
+/// Whether `build` belongs to an evaluation with no unfinished builds.
+fn in_complete_eval(s: &Shared, build: &Value) -> bool {
+    build["jobsetevals"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .any(|eval| eval_builds(s, eval).all(|b| b["finished"] == 1))
+}
+
+fn eval_object(s: &Shared, id: u64) -> Value {
+    let builds: Vec<u64> = eval_builds(s, id)
+        .filter_map(|b| b["id"].as_u64())
+        .collect();
+    json!({
+        "id": id,
+        "timestamp": 1_700_000_000 + id * 100,
+        "checkouttime": 1,
+        "evaltime": 2,
+        "hasnewbuilds": 1,
+        "flake": null,
+        "builds": builds,
+        "jobsetevalinputs": {
+            "src": { "type": "git", "uri": "https://example.org/hail.git", "revision": format!("{id:040}"), "value": null, "dependency": null }
+        },
+    })
 }
 
 fn cache_file(s: &Shared, path: &str) -> Vec<u8> {
