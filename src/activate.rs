@@ -73,18 +73,7 @@ impl Runner {
 
 /// `hail-activation-PROFILE.service`, PROFILE escaped as `systemd-escape` would.
 pub fn transient_unit_name(profile: &ProfileName) -> String {
-    let mut escaped = String::new();
-    for (i, byte) in profile.as_str().bytes().enumerate() {
-        match byte {
-            b'/' => escaped.push('-'),
-            b'.' if i == 0 => escaped.push_str("\\x2e"),
-            b if b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b':' => {
-                escaped.push(char::from(b));
-            }
-            b => escaped.push_str(&format!("\\x{b:02x}")),
-        }
-    }
-    format!("hail-activation-{escaped}.service")
+    format!("hail-activation-{}.service", profile.systemd_escaped())
 }
 
 fn on_path(program: &str) -> bool {

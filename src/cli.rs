@@ -45,6 +45,81 @@ pub enum Command {
     /// Show what hail deployed and how its last passes went, from the state
     /// dir only (no network, no lock: works while a pass runs).
     Status(StatusArgs),
+    /// Install, (re)start and health-check a service profile's systemd units
+    /// (what `lib.mkServiceProfile`'s bin/activate runs), or take them down.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Make this host run exactly the hail instances a manager profile lists
+    /// (what `lib.mkManagerProfile`'s bin/activate runs), or take them down.
+    #[command(subcommand)]
+    Manager(ManagerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Install the units in PROFILE_DIR/lib/systemd/system, restart the
+    /// changed ones, start the others, remove dropped ones, then run
+    /// PROFILE_DIR/bin/health-check until it passes.
+    Activate {
+        #[command(flatten)]
+        service: ServiceArgs,
+        /// Seconds the health check may take to pass.
+        #[arg(long, value_name = "SECS", value_parser = parse_seconds, default_value = "60")]
+        health_timeout: Duration,
+        /// The service profile (the store path or the profile link).
+        profile_dir: PathBuf,
+    },
+    /// Stop and remove every unit the service installed.
+    Deactivate {
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// The service's name (one service profile per name).
+    #[arg(long)]
+    pub name: String,
+    /// Where units are installed; the runtime dir is empty after a reboot,
+    /// when hail-activate@ installs them again.
+    #[arg(long, value_name = "DIR", default_value = "/run/systemd/system")]
+    pub unit_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ManagerCommand {
+    /// Set up the instances in INSTANCES (JSON: {"name": {"jobUri": …,
+    /// "pollPeriod": …, "profile": …, "netrcFile": …, "activateAtBoot": …,
+    /// "environment": {…}}}) and remove the ones no longer listed.
+    Activate {
+        #[command(flatten)]
+        manager: ManagerArgs,
+        instances: PathBuf,
+    },
+    /// Remove every instance this manager set up.
+    Deactivate {
+        #[command(flatten)]
+        manager: ManagerArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ManagerArgs {
+    /// Where instance environment files go (hail@.service reads /etc/hail/%I.env).
+    #[arg(long, value_name = "DIR", default_value = "/etc/hail")]
+    pub config_dir: PathBuf,
+    /// Where timer drop-ins for poll periods go.
+    #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system")]
+    pub unit_dir: PathBuf,
+    /// Where the instances' profiles live (for their bin/deactivate).
+    #[arg(
+        long,
+        env = "HAIL_PROFILES_DIR",
+        value_name = "DIR",
+        default_value = "/nix/var/nix/profiles"
+    )]
+    pub profiles_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

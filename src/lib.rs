@@ -5,22 +5,24 @@ pub mod activate;
 pub mod cli;
 pub mod credentials;
 pub mod hydra;
+pub mod manager;
 pub mod metrics;
 pub mod pass;
 pub mod process;
 pub mod profile;
 pub mod report;
+pub mod service;
 pub mod state;
 pub mod status;
 pub mod store_path;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 
 use crate::activate::Runner;
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, ManagerCommand, ServiceCommand};
 use crate::hydra::Selection;
 use crate::pass::{Pass, PassConfig};
 use crate::profile::Profile;
@@ -32,7 +34,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let (profile, job) = match &cli.command {
         Some(Command::Activate(args)) => (args.profile.profile.as_ref(), None),
-        Some(Command::Status(_)) => (None, None),
+        Some(Command::Status(_) | Command::Service(_) | Command::Manager(_)) => (None, None),
         None => (cli.pass.profile.profile.as_ref(), cli.pass.job_uri.as_ref()),
     };
     report::init(
@@ -60,6 +62,39 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let profile = profile_from(&args.profile)?;
             let runner = Runner::detect(&profile.name);
             pass::activate_existing(&profile, &store, &runner, args.activate_timeout)?;
+        }
+        Some(Command::Service(command)) => match command {
+            ServiceCommand::Activate {
+                service,
+                health_timeout,
+                profile_dir,
+            } => {
+                service::Service::new(&service.name, service.unit_dir)?
+                    .activate(&profile_dir, health_timeout)?;
+            }
+            ServiceCommand::Deactivate { service } => {
+                service::Service::new(&service.name, service.unit_dir)?.deactivate()?;
+            }
+        },
+        Some(Command::Manager(command)) => {
+            let (args, instances) = match command {
+                ManagerCommand::Activate { manager, instances } => (manager, Some(instances)),
+                ManagerCommand::Deactivate { manager } => (manager, None),
+            };
+            let manager = manager::Manager {
+                config_dir: args.config_dir,
+                unit_dir: args.unit_dir,
+                profiles_dir: args.profiles_dir,
+            };
+            match instances {
+                Some(file) => {
+                    let json = std::fs::read_to_string(&file).with_context(|| {
+                        format!("cannot read the instance list {}", file.display())
+                    })?;
+                    manager.activate(&manager::Manager::parse_instances(&json)?)?;
+                }
+                None => manager.deactivate()?,
+            }
         }
         Some(Command::Status(args)) => {
             let states = args

@@ -44,6 +44,23 @@ impl ProfileName {
         &self.0
     }
 
+    /// The name as `systemd-escape` writes it, for unit instance names:
+    /// `hail-profiles/web` → `hail\x2dprofiles-web`.
+    pub fn systemd_escaped(&self) -> String {
+        let mut escaped = String::new();
+        for (i, byte) in self.0.bytes().enumerate() {
+            match byte {
+                b'/' => escaped.push('-'),
+                b'.' if i == 0 => escaped.push_str("\\x2e"),
+                b if b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b':' => {
+                    escaped.push(char::from(b));
+                }
+                b => escaped.push_str(&format!("\\x{b:02x}")),
+            }
+        }
+        escaped
+    }
+
     /// A flat file name for per-profile files in the state dir
     /// (`hail-profiles/web` → `hail-profiles%2Fweb`); '%' is not allowed in
     /// names, so this is reversible and collision-free.

@@ -1,0 +1,292 @@
+//! `hail service activate|deactivate`: the logic behind the flake's
+//! `lib.mkServiceProfile`. A service profile carries systemd units in
+//! `lib/systemd/system/`; activating it installs them into a runtime unit
+//! directory, reloads systemd, restarts exactly the units whose content
+//! changed, starts the others if they are not running, stops and removes the
+//! units an earlier version had and this one has not, and runs the profile's
+//! health check. Running it twice changes nothing the second time.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::process;
+use crate::state::write_atomically;
+
+/// Where a service profile's pieces are, relative to the profile.
+const UNITS: &str = "lib/systemd/system";
+const PRE_SWITCH: &str = "bin/pre-switch";
+const HEALTH_CHECK: &str = "bin/health-check";
+/// How often the health check is retried.
+const HEALTH_RETRY: Duration = Duration::from_millis(500);
+
+/// A service profile being (de)activated.
+pub struct Service {
+    /// Names the profile's manifest; two profiles must not share a name.
+    pub name: String,
+    /// Where units are installed, e.g. `/run/systemd/system`.
+    pub unit_dir: PathBuf,
+}
+
+/// What activation changed, for the log and the tests.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub installed: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl Service {
+    pub fn new(name: &str, unit_dir: PathBuf) -> Result<Self> {
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._+-@".contains(c));
+        if !valid {
+            bail!("service name {name:?} must be one or more of A-Z a-z 0-9 . _ + - @");
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            unit_dir,
+        })
+    }
+
+    /// The list of units this service installed, kept beside them so that
+    /// it lives exactly as long as they do (a runtime dir empties at boot).
+    fn manifest(&self) -> PathBuf {
+        self.unit_dir
+            .join(format!(".hail-service-{}.units", self.name))
+    }
+
+    fn installed_units(&self) -> Vec<String> {
+        std::fs::read_to_string(self.manifest())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| valid_unit_name(l))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn activate(&self, profile: &Path, health_timeout: Duration) -> Result<Changes> {
+        let wanted = read_units(&profile.join(UNITS))?;
+        self.check_ownership(&wanted)?;
+
+        let pre_switch = profile.join(PRE_SWITCH);
+        if pre_switch.exists() {
+            log::info!("running {}", pre_switch.display());
+            process::run(Command::new(&pre_switch))
+                .context("the pre-switch step failed; nothing was switched")?;
+        }
+
+        std::fs::create_dir_all(&self.unit_dir)
+            .with_context(|| format!("cannot create {}", self.unit_dir.display()))?;
+        let mut changes = Changes::default();
+        for (name, content) in &wanted {
+            let target = self.unit_dir.join(name);
+            match std::fs::read(&target) {
+                Ok(old) if &old == content => continue,
+                Ok(_) => changes.changed.push(name.clone()),
+                Err(_) => changes.installed.push(name.clone()),
+            }
+            write_atomically(&target, content)?;
+        }
+        let dropped: Vec<String> = self
+            .installed_units()
+            .into_iter()
+            .filter(|u| !wanted.contains_key(u))
+            .collect();
+        if !dropped.is_empty() {
+            systemctl(&["stop"], &dropped).context("cannot stop units this version dropped")?;
+            for unit in &dropped {
+                remove_file(&self.unit_dir.join(unit))?;
+            }
+            changes.removed = dropped;
+        }
+        let manifest: String = wanted.keys().map(|u| format!("{u}\n")).collect();
+        write_atomically(&self.manifest(), manifest.as_bytes())?;
+
+        if changes != Changes::default() {
+            systemctl(&["daemon-reload"], &[])?;
+        }
+        let startable = |u: &&String| !u.contains("@.");
+        let restart: Vec<String> = changes.changed.iter().filter(startable).cloned().collect();
+        if !restart.is_empty() {
+            systemctl(&["try-restart"], &restart)?;
+        }
+        // `start` leaves running units alone and brings up new or stopped ones.
+        let start: Vec<String> = wanted.keys().filter(startable).cloned().collect();
+        if !start.is_empty() {
+            systemctl(&["start"], &start)?;
+        }
+        log::info!(
+            "service {}: installed {:?}, changed {:?}, removed {:?}",
+            self.name,
+            changes.installed,
+            changes.changed,
+            changes.removed
+        );
+
+        let health_check = profile.join(HEALTH_CHECK);
+        if health_check.exists() {
+            wait_healthy(&health_check, health_timeout)?;
+        }
+        Ok(changes)
+    }
+
+    /// Stops and removes everything this service installed.
+    pub fn deactivate(&self) -> Result<Vec<String>> {
+        let units = self.installed_units();
+        if !units.is_empty() {
+            systemctl(&["stop"], &units)?;
+            for unit in &units {
+                remove_file(&self.unit_dir.join(unit))?;
+            }
+            systemctl(&["daemon-reload"], &[])?;
+        }
+        remove_file(&self.manifest())?;
+        log::info!("service {}: removed {units:?}", self.name);
+        Ok(units)
+    }
+
+    /// Refuses to take over units another service profile installed.
+    fn check_ownership(&self, wanted: &BTreeMap<String, Vec<u8>>) -> Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.unit_dir) else {
+            return Ok(());
+        };
+        let mine = self.manifest();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
+                continue;
+            };
+            if path == mine || !file.starts_with(".hail-service-") {
+                continue;
+            }
+            let theirs = std::fs::read_to_string(&path).unwrap_or_default();
+            if let Some(unit) = theirs.lines().find(|u| wanted.contains_key(*u)) {
+                bail!(
+                    "unit {unit} is already installed by another service profile ({}); \
+                     a unit can belong to one service profile only",
+                    path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn valid_unit_name(name: &str) -> bool {
+    const SUFFIXES: &[&str] = &[
+        ".service", ".socket", ".timer", ".path", ".target", ".mount", ".slice",
+    ];
+    !name.starts_with('.')
+        && SUFFIXES.iter().any(|s| name.ends_with(s))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c))
+}
+
+/// Units in a profile's `lib/systemd/system`, by name, with their content.
+fn read_units(dir: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
+    let mut units = BTreeMap::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(units),
+        Err(err) => return Err(err).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+            continue;
+        };
+        if !valid_unit_name(&name) {
+            bail!("{} is not a systemd unit file name", path.display());
+        }
+        let content =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        units.insert(name, content);
+    }
+    Ok(units)
+}
+
+fn remove_file(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).with_context(|| format!("cannot remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `systemctl VERB… UNIT…`.
+pub fn systemctl_command(verb: &[&str], units: &[String]) -> Command {
+    let mut cmd = Command::new("systemctl");
+    cmd.args(verb).args(units);
+    cmd
+}
+
+fn systemctl(verb: &[&str], units: &[String]) -> Result<()> {
+    process::run(systemctl_command(verb, units))
+}
+
+/// Runs the health check until it succeeds or `timeout` passes.
+fn wait_healthy(check: &Path, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match process::run(Command::new(check)) {
+            Ok(()) => {
+                log::info!("health check passed");
+                return Ok(());
+            }
+            Err(err) if Instant::now() >= deadline => {
+                return Err(err.context(format!(
+                    "the health check did not pass within {} s",
+                    timeout.as_secs()
+                )));
+            }
+            Err(_) => std::thread::sleep(HEALTH_RETRY),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_names() {
+        for good in [
+            "web.service",
+            "app@.service",
+            "app@blue.service",
+            "x.timer",
+            "a\\x2db.socket",
+        ] {
+            assert!(valid_unit_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            ".hail-service-x.units",
+            "web",
+            "web.conf",
+            "../x.service",
+            "a b.service",
+            "a/b.service",
+        ] {
+            assert!(!valid_unit_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn systemctl_argv() {
+        let cmd = systemctl_command(&["try-restart"], &["a.service".into(), "b.socket".into()]);
+        let argv: Vec<String> = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(argv, ["systemctl", "try-restart", "a.service", "b.socket"]);
+    }
+}
