@@ -99,10 +99,13 @@ pub fn run(
         Runner::Direct => (activate_command(&script, env), timeout),
         // systemd enforces the timeout on the unit (RuntimeMaxSec); hail's own
         // deadline is only a backstop for a systemd-run that hangs.
-        Runner::TransientUnit(unit) => (
-            systemd_run_command(unit, &script, env, inherited_env(), timeout),
-            timeout + KILL_GRACE * 6,
-        ),
+        Runner::TransientUnit(unit) => {
+            wait_for_unit(unit, timeout)?;
+            (
+                systemd_run_command(unit, &script, env, inherited_env(), timeout),
+                timeout + KILL_GRACE * 6,
+            )
+        }
     };
     let started = crate::state::now();
     let timeout = wait;
@@ -220,6 +223,45 @@ pub fn systemd_run_command(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd
+}
+
+/// Waits while an activation started by an earlier, interrupted pass still
+/// runs in `unit` (say `hail@PROFILE` was restarted mid-activation): two
+/// activations of one profile must not overlap. Its result is gone with it
+/// (`--collect`), so the caller then runs activate again, which is
+/// idempotent by contract.
+fn wait_for_unit(unit: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut announced = false;
+    loop {
+        let output = Command::new("systemctl")
+            .args(["show", "--property=ActiveState", "--value", unit])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .context("cannot ask systemd about the activation unit")?;
+        let state = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        if !matches!(
+            state.as_str(),
+            "active" | "activating" | "deactivating" | "reloading"
+        ) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "an earlier activation is still running in {unit} after {} s; \
+                 look at `journalctl -u {unit}` or stop it with `systemctl stop {unit}`",
+                timeout.as_secs()
+            );
+        }
+        if !announced {
+            log::warn!(
+                "an earlier activation is still running in {unit}; waiting for it to finish"
+            );
+            announced = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Names of hail's environment variables that activate inherits, less
@@ -342,6 +384,7 @@ mod tests {
                 "--unit=hail-activation-web.service",
                 "--wait",
                 "--collect",
+                "--quiet",
                 "--service-type=exec",
                 "--no-ask-password",
                 "--description=hail activation",
