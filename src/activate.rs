@@ -206,6 +206,7 @@ pub fn systemd_run_command(
         .args([
             "--wait",
             "--collect",
+            "--quiet",
             "--service-type=exec",
             "--no-ask-password",
         ])
@@ -399,6 +400,20 @@ mod tests {
         );
     }
 
+    /// Runs activate, retrying while another test's fork still holds the
+    /// freshly written script open for writing (ETXTBSY).
+    fn run_fresh(profile: &Path, env: &[(&str, &str)], timeout: Duration) -> Activation {
+        for _ in 0..100 {
+            match run(profile, &Runner::Direct, env, timeout) {
+                Err(err) if format!("{err:#}").contains("Text file busy") => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("the script stayed busy");
+    }
+
     #[test]
     fn direct_activation_reports_failure_with_stderr() {
         let dir = tempfile::tempdir().unwrap();
@@ -408,13 +423,7 @@ mod tests {
         std::fs::write(&script, "#!/bin/sh\necho \"cwd=$(pwd) x=$X\" >&2\nexit 3\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let outcome = run(
-            dir.path(),
-            &Runner::Direct,
-            &[("X", "y")],
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let outcome = run_fresh(dir.path(), &[("X", "y")], Duration::from_secs(10));
         match outcome {
             Activation::Failed(failure) => {
                 assert_eq!(failure.how, "exited with status 3");
@@ -441,7 +450,7 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let outcome = run(dir.path(), &Runner::Direct, &[], Duration::from_millis(300)).unwrap();
+        let outcome = run_fresh(dir.path(), &[], Duration::from_millis(300));
         assert!(
             matches!(&outcome, Activation::Failed(f) if f.how.starts_with("timed out")),
             "{outcome:?}"
