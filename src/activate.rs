@@ -184,6 +184,8 @@ pub fn activate_command(script: &Path, env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(script);
     cmd.current_dir("/")
         .envs(env.iter().copied())
+        // Only hail itself reports to systemd.
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -202,6 +204,7 @@ pub fn systemd_run_command(
     timeout: Duration,
 ) -> Command {
     let mut cmd = Command::new("systemd-run");
+    cmd.env_remove("NOTIFY_SOCKET");
     cmd.arg(format!("--unit={unit}"))
         .args([
             "--wait",

@@ -13,6 +13,7 @@ const STDERR_TAIL_LINES: usize = 20;
 pub fn run(mut cmd: Command) -> Result<()> {
     let shown = display(&cmd);
     let output = cmd
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

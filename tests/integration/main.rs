@@ -1,9 +1,12 @@
 //! hail's integration tests: one test binary (faster to link), one module per area.
-//! Test names start with their module (`pass::`, `faults::`, `systemd::`, `nixos::`, `units::`),
+//! Test names start with their module (`pass::`, `faults::`, `observe::`, `systemd::`, …),
 //! which is how the flake's sandboxed check skips the ones that need a Nix store,
 //! loopback servers or systemd.
 
 mod common;
 mod faults;
+mod nixos;
 mod observe;
 mod pass;
+mod systemd;
+mod units;

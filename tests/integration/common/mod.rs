@@ -4,6 +4,7 @@
 #![allow(dead_code)] // Not every test module uses every helper.
 
 pub mod cache;
+pub mod container;
 pub mod hydra;
 
 use std::path::{Path, PathBuf};

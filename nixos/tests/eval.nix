@@ -1,0 +1,355 @@
+# Evaluation test for nixos/module.nix, without a NixOS system and without nixpkgs'
+# packages: only nixpkgs' `lib` (lib.evalModules and the option types).
+#
+# The module is evaluated together with small stand-ins for the NixOS options it uses
+# (systemd.services, systemd.timers, systemd.package, assertions, nix.package), typed like
+# NixOS's own so that a misspelt option or a wrong type fails here too, for
+# configurations whose outcome is known. Run it with
+#
+#   nix-instantiate --eval --strict --json nixos/tests/eval.nix \
+#     --arg lib 'import /path/to/nixpkgs/lib' -A cases
+#
+# `cases` is what tests/integration/nixos.rs checks in detail; `expectations` is the
+# same checks' gist in Nix, used by the flake's `checks.<system>.module-eval`.
+# `missingJobUri` and `noPackage` must fail to evaluate (with the option's name in
+# the error); evaluate them separately.
+{ lib }:
+
+let
+  inherit (lib) mkOption types;
+
+  fakePackage = hash: name: {
+    type = "derivation";
+    inherit name;
+    outPath = "/nix/store/${hash}-${name}";
+  };
+  fakeHail = fakePackage "0000000000000000000000000000000a" "hail-0.1.0";
+  fakeNix = fakePackage "0000000000000000000000000000000b" "nix-2.31.0";
+  fakeCoreutils = fakePackage "0000000000000000000000000000000c" "coreutils-9.7";
+  fakeSystemd = fakePackage "0000000000000000000000000000000d" "systemd-258";
+
+  # ---- Stand-ins for the NixOS options the module touches -------------------------
+  # Shaped after nixos/lib/systemd-unit-options.nix and systemd-lib.nix: the same
+  # option names, types and defaults for the parts hail uses, and no freeform
+  # attributes, so an option NixOS does not have is an error here as well.
+  unitName = types.strMatching "[a-zA-Z0-9@%:_.\\-]+[.](device|mount|automount|swap|target|path|timer|socket|service|slice|scope)";
+  unitSettings = types.attrsOf (
+    types.oneOf [
+      types.bool
+      types.int
+      types.str
+      (types.listOf types.str)
+    ]
+  );
+  unitList = mkOption {
+    type = types.listOf unitName;
+    default = [ ];
+  };
+
+  commonUnit = {
+    options = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+      };
+      overrideStrategy = mkOption {
+        type = types.enum [
+          "asDropinIfExists"
+          "asDropin"
+        ];
+        default = "asDropinIfExists";
+      };
+      description = mkOption {
+        type = types.singleLineStr;
+        default = "";
+      };
+      documentation = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+      wantedBy = unitList;
+      requiredBy = unitList;
+      wants = unitList;
+      requires = unitList;
+      after = unitList;
+      before = unitList;
+      unitConfig = mkOption {
+        type = unitSettings;
+        default = { };
+      };
+    };
+  };
+
+  serviceUnit =
+    { config, ... }:
+    {
+      imports = [ commonUnit ];
+      options = {
+        restartIfChanged = mkOption {
+          type = types.bool;
+          default = true;
+        };
+        path = mkOption {
+          type = types.listOf (
+            types.oneOf [
+              types.package
+              types.str
+            ]
+          );
+          default = [ ];
+        };
+        environment = mkOption {
+          type = types.attrsOf (
+            types.nullOr (
+              types.oneOf [
+                types.str
+                types.path
+                types.package
+              ]
+            )
+          );
+          default = { };
+        };
+        serviceConfig = mkOption {
+          type = unitSettings;
+          default = { };
+        };
+      };
+      # What NixOS does to every stage-2 service, template drop-ins included: a minimal
+      # default path, and a PATH= line made from `path`.
+      config = {
+        path = lib.mkAfter [ fakeCoreutils ];
+        environment.PATH = lib.mkIf (config.path != [ ]) (lib.makeBinPath config.path);
+      };
+    };
+
+  timerUnit = {
+    imports = [ commonUnit ];
+    options.timerConfig = mkOption {
+      type = unitSettings;
+      default = { };
+    };
+  };
+
+  nixosStubs = {
+    options = {
+      assertions = mkOption {
+        type = types.listOf types.unspecified;
+        default = [ ];
+      };
+      warnings = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+      nix.package = mkOption {
+        type = types.package;
+        default = fakeNix;
+      };
+      systemd.package = mkOption {
+        type = types.package;
+        default = fakeSystemd;
+      };
+      systemd.services = mkOption {
+        type = types.attrsOf (types.submodule serviceUnit);
+        default = { };
+      };
+      systemd.timers = mkOption {
+        type = types.attrsOf (types.submodule timerUnit);
+        default = { };
+      };
+    };
+  };
+
+  # ---- Evaluation ------------------------------------------------------------------
+  evalWith =
+    config:
+    (lib.evalModules {
+      modules = [
+        nixosStubs
+        ../module.nix
+        config
+      ];
+    }).config;
+
+  evalInstances =
+    instances:
+    evalWith {
+      services.hail.package = fakeHail;
+      services.hail.instances = instances;
+    };
+
+  summarize = config: {
+    services = config.systemd.services;
+    timers = config.systemd.timers;
+    failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+  };
+
+  jobUri = job: "https://hydra.example.org/job/infra/main/${job}";
+
+  cases = lib.mapAttrs (_: instances: summarize (evalInstances instances)) {
+    good = {
+      web = {
+        jobUri = jobUri "web";
+        netrcFile = "/run/secrets/hydra-netrc";
+        environment.NIX_CONFIG = "connect-timeout = 5";
+      };
+      db = {
+        profile = "hail-profiles/db";
+        jobUri = "http://hydra.internal:3000/hydra/job/infra/main/db/";
+        pollPeriod = "1h";
+        randomizedDelay = "10min";
+        activateAtBoot = false;
+        extraArgs = [
+          "--timeout"
+          "600"
+        ];
+      };
+      # Arguments systemd would mangle if they were shell-quoted: %, $, quotes, space.
+      odd-args = {
+        jobUri = "https://[2001:db8::1]:8443/job/infra/main/odd";
+        extraArgs = [
+          "--state-dir"
+          "/srv/hail 100% \"$HOME\" it's"
+        ];
+      };
+      # Disabled instances generate nothing and are not validated.
+      retired = {
+        enable = false;
+        profile = "web";
+        jobUri = "not a url";
+      };
+    };
+
+    empty = { };
+
+    onlyDisabled.old = {
+      enable = false;
+      jobUri = "https://hydra.example.org/job/infra/main/old";
+    };
+
+    duplicateProfile = {
+      web.jobUri = jobUri "web";
+      web-canary = {
+        profile = "web";
+        jobUri = jobUri "web-canary";
+      };
+      db.jobUri = jobUri "db";
+    };
+
+    badJobUri = {
+      no-scheme.jobUri = "hydra.example.org/job/infra/main/web";
+      latest.jobUri = "https://hydra.example.org/job/infra/main/web/latest";
+      credentials.jobUri = "https://deploy:secret@hydra.example.org/job/infra/main/web";
+      jobset.jobUri = "https://hydra.example.org/jobset/infra/main";
+      query.jobUri = "https://hydra.example.org/job/infra/main/web?x=1";
+    };
+
+    badProfile = {
+      absolute = {
+        profile = "/nix/var/nix/profiles/web";
+        jobUri = jobUri "a";
+      };
+      dotdot = {
+        profile = "hail/../web";
+        jobUri = jobUri "b";
+      };
+      empty = {
+        profile = "";
+        jobUri = jobUri "c";
+      };
+      space = {
+        profile = "my web";
+        jobUri = jobUri "d";
+      };
+      double-slash = {
+        profile = "hail//web";
+        jobUri = jobUri "e";
+      };
+      trailing-slash = {
+        profile = "web/";
+        jobUri = jobUri "f";
+      };
+      dot = {
+        profile = "./web";
+        jobUri = jobUri "g";
+      };
+    };
+
+    badInstanceName = {
+      "my web".jobUri = jobUri "web";
+    };
+
+    reservedEnvironment.web = {
+      jobUri = jobUri "web";
+      environment.HAIL_JOB_URI = jobUri "other";
+    };
+  };
+
+  # Must fail: jobUri has no default.
+  missingJobUri = summarize (evalInstances {
+    web.netrcFile = "/run/secrets/hydra-netrc";
+  });
+
+  # Must fail with the package option's own message: no services.hail.package.
+  noPackage = summarize (evalWith {
+    services.hail.instances.web.jobUri = jobUri "web";
+  });
+
+  fails = value: !(builtins.tryEval (builtins.deepSeq value value)).success;
+  anyMessage = infix: messages: lib.any (lib.hasInfix infix) messages;
+
+  good = cases.good;
+  hail = "${fakeHail}/bin/hail";
+
+  expectations = {
+    goodHasNoFailedAssertions = good.failedAssertions == [ ];
+    templateExecStart = good.services."hail@".serviceConfig.ExecStart == "${hail} --oneshot";
+    templateNotifies = good.services."hail@".serviceConfig.NotifyAccess == "main";
+    templateNotRestarted = !good.services."hail@".restartIfChanged;
+    templateHasNix = lib.elem fakeNix good.services."hail@".path;
+    dropInIsDropIn = good.services."hail@web".overrideStrategy == "asDropin";
+    dropInEnvironment =
+      good.services."hail@web".environment.HAIL_JOB_URI == jobUri "web"
+      && good.services."hail@web".environment.HAIL_NETRC_FILE == "/run/secrets/hydra-netrc"
+      && good.services."hail@db".environment.HAIL_PROFILE == "hail-profiles/db";
+    templateHasSystemd = lib.elem fakeSystemd good.services."hail@".path;
+    dropInKeepsNixOnPath = lib.hasInfix "${fakeNix}/bin" good.services."hail@web".environment.PATH;
+    dropInKeepsSystemdOnPath = lib.hasInfix "${fakeSystemd}/bin" good.services."hail@web".environment.PATH;
+    extraArgsReplaceExecStart =
+      good.services."hail@db".serviceConfig.ExecStart == [
+        ""
+        "${hail} --oneshot \"--timeout\" \"600\""
+      ];
+    noExtraArgsNoExecStart = !(good.services."hail@web".serviceConfig ? ExecStart);
+    timer =
+      good.timers."hail@db".timerConfig.OnUnitInactiveSec == "1h"
+      && good.timers."hail@db".timerConfig.RandomizedDelaySec == "10min"
+      && good.timers."hail@db".wantedBy == [ "timers.target" ];
+    bootActivationOnlyWhenWanted =
+      good.services."hail-activate@web".wantedBy == [ "multi-user.target" ]
+      && good.services."hail-activate@db".wantedBy == [ ]
+      && good.services."hail-activate@db".environment.HAIL_PROFILE == "hail-profiles/db";
+    disabledGeneratesNothing =
+      !(good.services ? "hail@retired") && cases.onlyDisabled.services == { };
+    emptyGeneratesNothing = cases.empty.services == { } && cases.empty.timers == { };
+    duplicateProfileFails = anyMessage "all deploy the profile" cases.duplicateProfile.failedAssertions;
+    badJobUriFailsEach = lib.length cases.badJobUri.failedAssertions == 5;
+    badProfileFailsEach = lib.length cases.badProfile.failedAssertions == 7;
+    badInstanceNameFails = anyMessage "becomes the systemd unit" cases.badInstanceName.failedAssertions;
+    reservedEnvironmentFails = anyMessage "HAIL_JOB_URI" cases.reservedEnvironment.failedAssertions;
+    missingJobUriFails = fails missingJobUri;
+    noPackageFails = fails noPackage;
+  };
+in
+{
+  inherit
+    cases
+    missingJobUri
+    noPackage
+    expectations
+    ;
+  hailPackage = "${fakeHail}";
+  nixPackage = "${fakeNix}";
+  systemdPackage = "${fakeSystemd}";
+  failedExpectations = lib.attrNames (lib.filterAttrs (_: ok: !ok) expectations);
+}

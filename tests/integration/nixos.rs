@@ -1,0 +1,470 @@
+//! The NixOS module (`nixos/module.nix`), evaluated with nixpkgs' `lib` through
+//! `nixos/tests/eval.nix`: the units it generates for a good configuration, and the
+//! assertion (or evaluation) failures for bad ones.
+//!
+//! nixpkgs' lib comes from `NIXPKGS_LIB` (a path to nixpkgs' `lib` directory) or from
+//! `<nixpkgs/lib>` on `NIX_PATH`. Without either, every test here prints a loud SKIP and
+//! passes; `nix flake check` on a networked machine runs the same evaluation against the
+//! locked nixpkgs (`checks.<system>.module-eval`).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Output;
+
+use serde_json::Value;
+
+use crate::units::{
+    NIX_HINT, hail_bin, nix_instantiate, output_text, repo, run, systemd_verify, temp_dir,
+};
+
+/// A Nix expression for nixpkgs' lib, or `None` after printing why the test is skipped.
+fn nixpkgs_lib(test: &str) -> Option<String> {
+    let path = match std::env::var("NIXPKGS_LIB") {
+        Ok(path) if !path.is_empty() => {
+            let path = Path::new(&path)
+                .canonicalize()
+                .unwrap_or_else(|err| panic!("NIXPKGS_LIB={path}: {err}"));
+            assert!(
+                path.join("default.nix").is_file() && path.join("modules.nix").is_file(),
+                "NIXPKGS_LIB={} is not nixpkgs' lib directory (no default.nix/modules.nix)",
+                path.display()
+            );
+            path.to_string_lossy().into_owned()
+        }
+        _ => {
+            let found = run(
+                nix_instantiate().args(["--find-file", "nixpkgs/lib"]),
+                NIX_HINT,
+            );
+            if !found.status.success() {
+                eprintln!(
+                    "SKIP nixos::{test}: no nixpkgs lib (set NIXPKGS_LIB=/path/to/nixpkgs/lib)"
+                );
+                return None;
+            }
+            String::from_utf8_lossy(&found.stdout).trim().to_string()
+        }
+    };
+    assert!(
+        !path.contains(['"', '\\', '$']),
+        "nixpkgs lib path {path:?}: quotes, backslashes and dollars are not supported"
+    );
+    Some(format!("import (/. + \"{path}\")"))
+}
+
+/// `nix-instantiate --eval --strict --json nixos/tests/eval.nix -A ATTR`.
+fn eval(lib: &str, attr: &str) -> Output {
+    run(
+        nix_instantiate()
+            .args(["--eval", "--strict", "--json"])
+            .arg(repo().join("nixos/tests/eval.nix"))
+            .args(["--arg", "lib", lib, "-A", attr]),
+        NIX_HINT,
+    )
+}
+
+/// Evaluates ATTR, which must succeed (nix prints partial JSON on errors: check the exit).
+fn eval_json(lib: &str, attr: &str) -> Value {
+    let output = eval(lib, attr);
+    assert!(
+        output.status.success(),
+        "evaluating nixos/tests/eval.nix -A {attr} failed:\n{}",
+        output_text(&output)
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("-A {attr}: not JSON ({err}):\n{}", output_text(&output)))
+}
+
+fn keys(value: &Value) -> BTreeSet<&str> {
+    value
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {value}"))
+        .keys()
+        .map(String::as_str)
+        .collect()
+}
+
+fn strings(value: &Value) -> Vec<&str> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {value}"))
+        .iter()
+        .map(|item| {
+            item.as_str()
+                .unwrap_or_else(|| panic!("not a string: {item}"))
+        })
+        .collect()
+}
+
+fn messages(case: &Value) -> Vec<&str> {
+    strings(&case["failedAssertions"])
+}
+
+/// The failed assertions must be exactly one per entry of `expected`, each message
+/// containing all of that entry's fragments.
+fn assert_failures(cases: &Value, case: &str, expected: &[&[&str]]) {
+    let found = messages(&cases[case]);
+    assert_eq!(
+        found.len(),
+        expected.len(),
+        "case {case}: expected {} failed assertions, got {found:#?}",
+        expected.len()
+    );
+    for fragments in expected {
+        assert!(
+            found
+                .iter()
+                .any(|message| fragments.iter().all(|fragment| message.contains(fragment))),
+            "case {case}: no failed assertion mentions all of {fragments:?}; got {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn good_configuration_generates_the_units() {
+    let Some(lib) = nixpkgs_lib("good_configuration_generates_the_units") else {
+        return;
+    };
+    let hail = format!(
+        "{}/bin/hail",
+        eval_json(&lib, "hailPackage").as_str().expect("path")
+    );
+    let nix = eval_json(&lib, "nixPackage");
+    let nix = nix.as_str().expect("path");
+    let systemd = eval_json(&lib, "systemdPackage");
+    let systemd = systemd.as_str().expect("path");
+    let cases = eval_json(&lib, "cases");
+    let good = &cases["good"];
+    let services = &good["services"];
+    let timers = &good["timers"];
+
+    assert!(messages(good).is_empty(), "good config fails: {good:#}");
+    assert_eq!(
+        keys(services),
+        BTreeSet::from([
+            "hail@",
+            "hail@web",
+            "hail@db",
+            "hail@odd-args",
+            "hail-activate@",
+            "hail-activate@web",
+            "hail-activate@db",
+            "hail-activate@odd-args",
+        ]),
+        "services (no units for the disabled instance)"
+    );
+    assert_eq!(
+        keys(timers),
+        BTreeSet::from(["hail@web", "hail@db", "hail@odd-args"])
+    );
+
+    // The pass template: `hail --oneshot` and nothing else, never restarted by a switch.
+    let template = &services["hail@"];
+    assert_eq!(template["serviceConfig"]["Type"], "oneshot");
+    assert_eq!(
+        template["serviceConfig"]["ExecStart"],
+        format!("{hail} --oneshot")
+    );
+    assert_eq!(template["serviceConfig"]["StateDirectory"], "hail");
+    assert_eq!(template["serviceConfig"]["NotifyAccess"], "main");
+    assert_eq!(template["restartIfChanged"], false);
+    assert_eq!(template["unitConfig"]["X-StopOnRemoval"], false);
+    assert_eq!(template["overrideStrategy"], "asDropinIfExists");
+    assert_eq!(template["environment"]["HAIL_PROFILE"], "%I");
+    assert!(
+        strings(&template["path"]).contains(&nix),
+        "nix on the template's path"
+    );
+    assert!(
+        strings(&template["path"]).contains(&systemd),
+        "systemd-run (hail runs bin/activate with it) on the template's path"
+    );
+    assert!(strings(&template["wants"]).contains(&"network-online.target"));
+    assert!(strings(&template["after"]).contains(&"network-online.target"));
+    assert!(strings(&template["wantedBy"]).is_empty());
+
+    // Instance drop-ins: the environment, and nix-env still on PATH.
+    for (name, profile, job) in [
+        ("web", "web", "https://hydra.example.org/job/infra/main/web"),
+        (
+            "db",
+            "hail-profiles/db",
+            "http://hydra.internal:3000/hydra/job/infra/main/db/",
+        ),
+    ] {
+        let dropin = &services[format!("hail@{name}").as_str()];
+        assert_eq!(dropin["overrideStrategy"], "asDropin", "hail@{name}");
+        assert_eq!(dropin["restartIfChanged"], false, "hail@{name}");
+        let env = &dropin["environment"];
+        assert_eq!(env["HAIL_PROFILE"], profile, "hail@{name}");
+        assert_eq!(env["HAIL_JOB_URI"], job, "hail@{name}");
+        let path = env["PATH"].as_str().expect("drop-in PATH");
+        for package in [nix, systemd] {
+            assert!(
+                path.split(':').any(|dir| dir == format!("{package}/bin")),
+                "hail@{name}: the drop-in's PATH= replaces the template's and must hold \
+                 {package}/bin: {path}"
+            );
+        }
+        assert!(strings(&dropin["wantedBy"]).is_empty(), "hail@{name}");
+    }
+    let web = &services["hail@web"];
+    assert_eq!(
+        web["environment"]["HAIL_NETRC_FILE"],
+        "/run/secrets/hydra-netrc"
+    );
+    assert_eq!(web["environment"]["NIX_CONFIG"], "connect-timeout = 5");
+    assert_eq!(
+        web["serviceConfig"],
+        serde_json::json!({}),
+        "no extraArgs: the drop-in leaves ExecStart alone"
+    );
+    assert!(
+        services["hail@db"]["environment"]
+            .get("HAIL_NETRC_FILE")
+            .is_none()
+    );
+
+    // extraArgs: ExecStart reset, then one command, each argument quoted for systemd.
+    assert_eq!(
+        services["hail@db"]["serviceConfig"]["ExecStart"],
+        serde_json::json!(["", format!(r#"{hail} --oneshot "--timeout" "600""#)])
+    );
+    assert_eq!(
+        services["hail@odd-args"]["serviceConfig"]["ExecStart"],
+        serde_json::json!([
+            "",
+            format!(r#"{hail} --oneshot "--state-dir" "/srv/hail 100%% \"$$HOME\" it's""#)
+        ])
+    );
+
+    // Timers: one per instance, pollPeriod after the last pass.
+    for (name, period, delay) in [("web", "5min", "1min"), ("db", "1h", "10min")] {
+        let timer = &timers[format!("hail@{name}").as_str()];
+        let config = &timer["timerConfig"];
+        assert_eq!(config["OnUnitInactiveSec"], period, "hail@{name}.timer");
+        assert_eq!(config["RandomizedDelaySec"], delay, "hail@{name}.timer");
+        assert_eq!(config["OnBootSec"], "1min", "hail@{name}.timer");
+        assert_eq!(config["Persistent"], true, "hail@{name}.timer");
+        assert_eq!(
+            strings(&timer["wantedBy"]),
+            ["timers.target"],
+            "hail@{name}.timer"
+        );
+        assert_eq!(timer["overrideStrategy"], "asDropinIfExists");
+    }
+
+    // Boot-time activation: a template, and a drop-in wanted by multi-user.target only
+    // for instances with activateAtBoot.
+    let boot = &services["hail-activate@"];
+    assert_eq!(boot["serviceConfig"]["Type"], "oneshot");
+    assert_eq!(boot["serviceConfig"]["RemainAfterExit"], true);
+    assert_eq!(
+        boot["serviceConfig"]["ExecStart"],
+        format!("{hail} activate")
+    );
+    assert_eq!(boot["environment"]["HAIL_PROFILE"], "%I");
+    assert_eq!(boot["restartIfChanged"], false);
+    assert!(strings(&boot["after"]).contains(&"nix-daemon.socket"));
+    assert!(strings(&boot["wantedBy"]).is_empty());
+    let boot_web = &services["hail-activate@web"];
+    assert_eq!(boot_web["overrideStrategy"], "asDropin");
+    assert_eq!(strings(&boot_web["wantedBy"]), ["multi-user.target"]);
+    assert_eq!(boot_web["environment"]["HAIL_PROFILE"], "web");
+    // db (activateAtBoot = false) keeps a drop-in naming its profile, for a manual
+    // `systemctl start hail-activate@db`, but boot does not start it.
+    let boot_db = &services["hail-activate@db"];
+    assert!(strings(&boot_db["wantedBy"]).is_empty(), "{boot_db:#}");
+    assert_eq!(boot_db["environment"]["HAIL_PROFILE"], "hail-profiles/db");
+}
+
+#[test]
+fn no_enabled_instance_generates_nothing() {
+    let Some(lib) = nixpkgs_lib("no_enabled_instance_generates_nothing") else {
+        return;
+    };
+    let cases = eval_json(&lib, "cases");
+    for case in ["empty", "onlyDisabled"] {
+        assert_eq!(cases[case]["services"], serde_json::json!({}), "{case}");
+        assert_eq!(cases[case]["timers"], serde_json::json!({}), "{case}");
+        assert!(messages(&cases[case]).is_empty(), "{case}");
+    }
+}
+
+#[test]
+fn bad_configurations_fail_with_the_fix() {
+    let Some(lib) = nixpkgs_lib("bad_configurations_fail_with_the_fix") else {
+        return;
+    };
+    let cases = eval_json(&lib, "cases");
+
+    assert_failures(
+        &cases,
+        "duplicateProfile",
+        &[&[
+            "services.hail.instances.{web, web-canary} all deploy the profile",
+            "\"web\"",
+            "give each its own",
+        ]],
+    );
+
+    let uri_options: Vec<String> = ["no-scheme", "latest", "credentials", "jobset", "query"]
+        .iter()
+        .map(|name| format!("services.hail.instances.{name}.jobUri"))
+        .collect();
+    let uri_cases: Vec<[&str; 3]> = uri_options
+        .iter()
+        .map(|option| {
+            [
+                option.as_str(),
+                "is not a Hydra job URL",
+                "/job/PROJECT/JOBSET/JOB",
+            ]
+        })
+        .collect();
+    let uri_expected: Vec<&[&str]> = uri_cases.iter().map(|c| &c[..]).collect();
+    assert_failures(&cases, "badJobUri", &uri_expected);
+
+    let profile_names = [
+        "absolute",
+        "dotdot",
+        "empty",
+        "space",
+        "double-slash",
+        "trailing-slash",
+        "dot",
+    ];
+    let profile_options: Vec<String> = profile_names
+        .iter()
+        .map(|name| format!("services.hail.instances.{name}.profile"))
+        .collect();
+    let profile_cases: Vec<[&str; 3]> = profile_options
+        .iter()
+        .map(|option| {
+            [
+                option.as_str(),
+                "is not a valid profile name",
+                "hail-profiles/web",
+            ]
+        })
+        .collect();
+    let profile_expected: Vec<&[&str]> = profile_cases.iter().map(|c| &c[..]).collect();
+    assert_failures(&cases, "badProfile", &profile_expected);
+
+    // "my web" is a bad unit instance name and, as the default profile, a bad profile.
+    assert_failures(
+        &cases,
+        "badInstanceName",
+        &[
+            &[
+                "services.hail.instances.\"my web\"",
+                "becomes the systemd unit",
+            ],
+            &[
+                "services.hail.instances.\"my web\".profile",
+                "is not a valid profile name",
+            ],
+        ],
+    );
+
+    assert_failures(
+        &cases,
+        "reservedEnvironment",
+        &[&[
+            "services.hail.instances.web.environment sets HAIL_JOB_URI",
+            ".jobUri",
+        ]],
+    );
+}
+
+#[test]
+fn missing_job_uri_and_package_fail_to_evaluate() {
+    let Some(lib) = nixpkgs_lib("missing_job_uri_and_package_fail_to_evaluate") else {
+        return;
+    };
+    for (attr, expected) in [
+        ("missingJobUri", "services.hail.instances.web.jobUri"),
+        ("noPackage", "services.hail.package is not set"),
+    ] {
+        let output = eval(&lib, attr);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(expected),
+            "-A {attr} must fail mentioning {expected:?}:\n{}",
+            output_text(&output)
+        );
+    }
+}
+
+#[test]
+fn nix_side_expectations_hold() {
+    // What the flake's checks.<system>.module-eval asserts, run here too.
+    let Some(lib) = nixpkgs_lib("nix_side_expectations_hold") else {
+        return;
+    };
+    assert_eq!(
+        eval_json(&lib, "failedExpectations"),
+        serde_json::json!([]),
+        "nixos/tests/eval.nix expectations"
+    );
+}
+
+/// `"KEY=VALUE"` as NixOS writes an `Environment=` line (the pair as a JSON string).
+fn environment_line(key: &str, value: &Value) -> String {
+    let pair = format!("{key}={}", value.as_str().expect("string value"));
+    format!(
+        "Environment={}\n",
+        serde_json::to_string(&pair).expect("JSON string")
+    )
+}
+
+#[test]
+fn generated_service_lines_pass_systemd_analyze() {
+    // The module's ExecStart quoting and environment values, written the way NixOS renders
+    // them into a template and drop-in, must not make systemd say a word.
+    let Some(lib) = nixpkgs_lib("generated_service_lines_pass_systemd_analyze") else {
+        return;
+    };
+    let fake_hail = format!(
+        "{}/bin/hail",
+        eval_json(&lib, "hailPackage").as_str().expect("path")
+    );
+    let cases = eval_json(&lib, "cases");
+    let services = &cases["good"]["services"];
+    let dir = temp_dir();
+    let mut names = Vec::new();
+    for instance in ["web", "db", "odd-args"] {
+        let template = &services["hail@"];
+        let dropin = &services[format!("hail@{instance}").as_str()];
+        let mut unit = String::from("[Unit]\nDescription=hail module check\n[Service]\n");
+        for section in [template, dropin] {
+            for (key, value) in section["environment"].as_object().expect("environment") {
+                unit.push_str(&environment_line(key, value));
+            }
+            for (key, value) in section["serviceConfig"].as_object().expect("serviceConfig") {
+                let values = match value {
+                    Value::Array(items) => items.clone(),
+                    other => vec![other.clone()],
+                };
+                for value in values {
+                    let text = match value {
+                        Value::String(text) => text,
+                        Value::Bool(flag) => flag.to_string(),
+                        other => other.to_string(),
+                    };
+                    let text = text.replace(&fake_hail, hail_bin());
+                    unit.push_str(&format!("{key}={text}\n"));
+                }
+            }
+        }
+        let file = format!("check-{instance}@.service");
+        std::fs::write(dir.path().join(&file), &unit).expect("write unit");
+        names.push(format!("check-{instance}@{instance}.service"));
+        let (output, printed) = systemd_verify(dir.path(), &[names.last().expect("name")]);
+        assert!(
+            output.status.success() && printed.trim().is_empty(),
+            "systemd-analyze verify complained about the lines generated for {instance}:\n{unit}\n{}",
+            output_text(&output)
+        );
+    }
+}

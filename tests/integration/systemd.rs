@@ -1,0 +1,337 @@
+//! hail under a real systemd (PID 1 in a container, `common::container`):
+//! the units from `systemd/` installed the way README says, hail deploying
+//! from the Hydra stand-in on the host's loopback, and everything checked the
+//! way an operator would see it: `systemctl`, `journalctl`, the profile
+//! symlink, `nix-env --list-generations`, and what `activate` wrote.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::common::container::Container;
+use crate::common::hydra::Fault;
+use crate::common::{JOB, Run, World, assert_exit};
+
+const INSTANCE: &str = "demo";
+const PROFILE: &str = "/nix/var/nix/profiles/demo";
+const PASS: &str = "hail@demo.service";
+const TIMER: &str = "hail@demo.timer";
+const BOOT: &str = "hail-activate@demo.service";
+/// One line per finished activation, written by the test profiles' activate.
+const ACTIVATIONS: &str = "/var/lib/hail-test/activations";
+/// One line per started activation (the slow profiles only).
+const STARTED: &str = "/var/lib/hail-test/started";
+
+/// An activate that records one line per run, inside the container.
+fn quick_activate(label: &str) -> String {
+    format!(
+        "#!/bin/sh\nset -e\nmkdir -p /var/lib/hail-test\n\
+         echo \"label={label} build=${{HAIL_BUILD_ID:-}} store=$HAIL_STORE_PATH\" >> {ACTIVATIONS}\n"
+    )
+}
+
+/// An activate that takes 3 s, recording its start and its end with its pid.
+fn slow_activate(label: &str) -> String {
+    format!(
+        "#!/bin/sh\nset -e\nmkdir -p /var/lib/hail-test\n\
+         echo \"start $$ label={label}\" >> {STARTED}\n\
+         sleep 3\n\
+         echo \"done $$ label={label}\" >> {ACTIVATIONS}\n"
+    )
+}
+
+/// Builds a profile with this activate, publishes it signed and makes it the
+/// job's latest successful build.
+fn publish(world: &World, label: &str, activate: &str) -> (u64, String) {
+    let path = world.cache.build(label, activate);
+    world.cache.publish(&path);
+    let id = world.hydra.add_build(JOB, &path, Some(0));
+    (id, path)
+}
+
+/// A container with hail installed as README says for other distributions:
+/// the binary in /usr/local/bin, the units in /etc/systemd/system, the job in
+/// /etc/hail/demo.env, and nix.conf trusting the stand-in's cache.
+fn install(world: &World) -> Container {
+    let container = Container::new();
+    container.install(
+        Path::new(env!("CARGO_BIN_EXE_hail")),
+        "/usr/local/bin/hail",
+        0o755,
+    );
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    for unit in ["hail@.service", "hail@.timer", "hail-activate@.service"] {
+        let from = units.join(unit);
+        assert!(from.exists(), "{} is missing", from.display());
+        container.install(&from, &format!("/etc/systemd/system/{unit}"), 0o644);
+    }
+    container.write(
+        &format!("/etc/hail/{INSTANCE}.env"),
+        format!("HAIL_JOB_URI={}\n", world.hydra.job_uri(JOB)),
+        0o644,
+    );
+    container.write(
+        "/etc/nix/nix.conf",
+        world.cache.client_nix_config(&world.hydra.origin()),
+        0o644,
+    );
+    container
+}
+
+/// Boots, checks that hail runs in there, enables the instance.
+fn boot_and_enable(container: &mut Container) {
+    container.boot();
+    let version = container.exec(&["/usr/local/bin/hail", "--version"]);
+    assert_exit(&version, 0);
+    let enable = container.systemctl(&["enable", "--now", TIMER, BOOT]);
+    assert_exit(&enable, 0);
+}
+
+fn out(run: &Run) -> String {
+    run.stdout.trim().to_owned()
+}
+
+fn show(container: &Container, unit: &str, property: &str) -> String {
+    out(&container.systemctl(&["show", unit, "-p", property, "--value"]))
+}
+
+fn is_active(container: &Container, unit: &str) -> String {
+    out(&container.systemctl(&["is-active", unit]))
+}
+
+/// Where the profile points, as `readlink -f` in the container says.
+fn profile_target(container: &Container) -> String {
+    out(&container.exec(&["readlink", "-f", PROFILE]))
+}
+
+/// The profile's generation numbers, from `nix-env --list-generations`.
+fn generations(container: &Container) -> Vec<u64> {
+    let run = container.exec(&["nix-env", "-p", PROFILE, "--list-generations"]);
+    assert_exit(&run, 0);
+    run.stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn lines(container: &Container, path: &str) -> Vec<String> {
+    container
+        .read(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits (up to `limit`) for `check` to hold; panics with `what` otherwise.
+#[track_caller]
+fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "waited {limit:?} for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The unit's journal, once it says `needle` (journald may lag a little).
+#[track_caller]
+fn journal_with(container: &Container, unit: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let journal = container.journal(unit);
+        if journal.contains(needle) {
+            return journal;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "journalctl -u {unit} does not say {needle:?}:\n{journal}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn timer_pass_failure_and_activation_at_boot() {
+    let started = Instant::now();
+    let world = World::new();
+    let mut container = install(&world);
+    boot_and_enable(&mut container);
+    let c = &container;
+
+    // 1. The timer is active and has the next pass scheduled.
+    assert_eq!(is_active(c, TIMER), "active");
+    assert_eq!(out(&c.systemctl(&["is-enabled", TIMER])), "enabled");
+    let next = show(c, TIMER, "NextElapseUSecMonotonic");
+    assert!(
+        !next.is_empty() && next != "infinity" && next != "0",
+        "no next run scheduled: NextElapseUSecMonotonic={next:?}"
+    );
+    let timers = c.systemctl(&["list-timers", "--all", TIMER]);
+    assert!(timers.stdout.contains(PASS), "{timers:?}");
+    // Boot activation without a profile yet: succeeds, activates nothing.
+    assert_eq!(is_active(c, BOOT), "active");
+    journal_with(c, BOOT, "does not exist yet");
+    assert!(
+        c.read(ACTIVATIONS).is_none(),
+        "activate ran without a profile"
+    );
+
+    // 2. A pass deploys the job's latest build and activates it.
+    let (id, path) = publish(&world, "a", &quick_activate("a"));
+    let pass = c.systemctl(&["start", PASS]);
+    assert_exit(&pass, 0);
+    assert_eq!(profile_target(c), path);
+    assert_eq!(generations(c), [1]);
+    assert_eq!(
+        lines(c, ACTIVATIONS),
+        [format!("label=a build={id} store={path}")]
+    );
+    assert_eq!(show(c, PASS, "Result"), "success");
+    journal_with(c, PASS, &format!("deployed build {id}"));
+    // Every record names the profile: `journalctl HAIL_PROFILE=demo` finds them.
+    let by_profile = c.exec(&["journalctl", "--no-pager", "-o", "cat", "HAIL_PROFILE=demo"]);
+    assert!(
+        by_profile.stdout.contains(&format!("deployed build {id}")),
+        "{by_profile:?}"
+    );
+
+    // 3. Another pass changes nothing.
+    let pass = c.systemctl(&["start", PASS]);
+    assert_exit(&pass, 0);
+    journal_with(c, PASS, &format!("up to date: build {id}"));
+    assert_eq!(profile_target(c), path);
+    assert_eq!(generations(c), [1]);
+    assert_eq!(lines(c, ACTIVATIONS).len(), 1, "activate ran again");
+
+    // 5. After a reboot, hail-activate@demo activated the profile again.
+    container.restart();
+    let c = &container;
+    assert_eq!(is_active(c, BOOT), "active");
+    assert_eq!(
+        lines(c, ACTIVATIONS),
+        [
+            format!("label=a build={id} store={path}"),
+            format!("label=a build= store={path}"),
+        ]
+    );
+    assert_eq!(is_active(c, TIMER), "active");
+    assert_eq!(profile_target(c), path);
+
+    // 4. A failing pass leaves the unit failed, with the reason in the journal.
+    // Last, because the stand-in's faults stay for the rest of its life.
+    world.hydra.fault(
+        "/latest",
+        Fault::Respond(502, "text/html", b"<html>502 Bad Gateway</html>".to_vec()),
+    );
+    let pass = c.systemctl(&["start", PASS]);
+    assert_ne!(pass.code, Some(0), "{pass:?}");
+    assert_eq!(out(&c.systemctl(&["is-failed", PASS])), "failed");
+    assert_eq!(show(c, PASS, "Result"), "exit-code");
+    journal_with(c, PASS, "unexpected answer from Hydra: 502");
+    assert_eq!(profile_target(c), path);
+    assert_eq!(generations(c), [1]);
+    assert_eq!(lines(c, ACTIVATIONS).len(), 2, "activate ran on a failure");
+
+    eprintln!("systemd scenario took {:.1?}", started.elapsed());
+}
+
+/// Waits for a slow activate of `label` to start; returns its pid.
+fn wait_for_start(container: &Container, label: &str) -> String {
+    let suffix = format!(" label={label}");
+    let mut pid = None;
+    wait_for(
+        Duration::from_secs(30),
+        &format!("activate of {label} to start"),
+        || {
+            pid = lines(container, STARTED).iter().find_map(|l| {
+                l.strip_prefix("start ")?
+                    .strip_suffix(&suffix)
+                    .map(str::to_owned)
+            });
+            pid.is_some()
+        },
+    );
+    pid.expect("a start line")
+}
+
+/// Waits for the activate run `pid` of `label` to finish.
+fn wait_for_done(container: &Container, pid: &str, label: &str) {
+    let line = format!("done {pid} label={label}");
+    wait_for(
+        Duration::from_secs(30),
+        &format!("the activate that was running ({line:?}) to finish; it was killed?"),
+        || lines(container, ACTIVATIONS).contains(&line),
+    );
+}
+
+#[test]
+fn stopping_or_restarting_a_pass_does_not_kill_its_activation() {
+    let started = Instant::now();
+    let world = World::new();
+    let mut container = install(&world);
+    boot_and_enable(&mut container);
+    let c = &container;
+
+    let (_, a) = publish(&world, "a", &quick_activate("a"));
+    assert_exit(&c.systemctl(&["start", PASS]), 0);
+    assert_eq!(profile_target(c), a);
+
+    // `systemctl stop` while a new build is being activated.
+    let (_, b) = publish(&world, "b", &slow_activate("b"));
+    assert_exit(&c.systemctl(&["start", "--no-block", PASS]), 0);
+    let pid = wait_for_start(c, "b");
+    let stop = c.systemctl(&["stop", PASS]);
+    assert_exit(&stop, 0);
+    let state = is_active(c, PASS);
+    assert!(state == "inactive", "{PASS} is {state} after stop");
+    wait_for_done(c, &pid, "b");
+    assert_eq!(profile_target(c), b);
+    assert_eq!(generations(c), [1, 2]);
+    // The next pass finishes what the stopped one left: no new generation.
+    assert_exit(&c.systemctl(&["start", PASS]), 0);
+    assert_eq!(show(c, PASS, "Result"), "success");
+    assert_eq!(profile_target(c), b);
+    assert_eq!(generations(c), [1, 2]);
+
+    // `systemctl restart` while a new build is being activated.
+    let (_, new) = publish(&world, "c", &slow_activate("c"));
+    assert_exit(&c.systemctl(&["start", "--no-block", PASS]), 0);
+    let pid = wait_for_start(c, "c");
+    let restart = c.systemctl(&["restart", PASS]);
+    wait_for_done(c, &pid, "c");
+    assert_eq!(
+        profile_target(c),
+        new,
+        "the profile is not at the build whose activation ran; restart: {restart:?}"
+    );
+    assert_eq!(generations(c), [1, 2, 3]);
+    assert_exit(&restart, 0);
+    assert_eq!(show(c, PASS, "Result"), "success");
+    assert_ne!(out(&c.systemctl(&["is-failed", PASS])), "failed");
+
+    eprintln!("safe-deploy scenario took {:.1?}", started.elapsed());
+}
+
+#[test]
+fn systemctl_status_shows_what_a_pass_is_doing() {
+    let world = World::new();
+    let mut container = install(&world);
+    boot_and_enable(&mut container);
+    let c = &container;
+
+    let (id, path) = publish(&world, "a", &slow_activate("a"));
+    assert_exit(&c.systemctl(&["start", "--no-block", PASS]), 0);
+    let pid = wait_for_start(c, "a");
+    let status = c.systemctl(&["status", PASS]);
+    assert!(
+        status.stdout.contains(&format!("activating build {id}")),
+        "`systemctl status {PASS}` does not show the step (STATUS=) while activate runs; \
+         StatusText={:?}\n{status:?}",
+        show(c, PASS, "StatusText")
+    );
+    wait_for_done(c, &pid, "a");
+    wait_for(Duration::from_secs(30), "the pass to end", || {
+        is_active(c, PASS) != "activating"
+    });
+    assert_eq!(show(c, PASS, "Result"), "success");
+    assert_eq!(profile_target(c), path);
+}
