@@ -225,6 +225,31 @@ let
           '';
         };
 
+        keepGenerations = lib.mkOption {
+          type = lib.types.nullOr lib.types.ints.positive;
+          default = null;
+          example = 5;
+          description = ''
+            After a successful deploy, delete all but the newest this many generations
+            of the profile (`--keep-generations`), never the current one. `null` keeps
+            every generation (then `nix-collect-garbage --delete-older-than` or
+            `nix.gc` decides).
+          '';
+        };
+
+        onFailure = lib.mkOption {
+          type = lib.types.listOf lib.types.str;
+          default = [ ];
+          example = [ "notify-admins@%n.service" ];
+          description = ''
+            Units to start when a pass fails (systemd `OnFailure=`), for example a
+            template unit that mails or posts to a webhook. A pass fails when hail
+            exits non-zero: Hydra or nix failed (exit status 1), or an activation
+            failed and was rolled back (exit status 3). `journalctl -u hail@<name>`
+            has the reason; `hail status` summarises it.
+          '';
+        };
+
         extraArgs = lib.mkOption {
           type = lib.types.listOf lib.types.str;
           default = [ ];
@@ -280,6 +305,21 @@ in
       description = ''
         The hail package to run. Its `bin/hail` runs every pass and every boot-time
         activation.
+      '';
+    };
+
+    metricsDir = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = "/var/lib/prometheus-node-exporter-text-files";
+      description = ''
+        Where each pass writes Prometheus metrics for its instance, as
+        `hail-<name>.prom` (atomically): point it at node_exporter's textfile
+        collector directory (`services.prometheus.exporters.node.extraFlags =
+        [ "--collector.textfile.directory=…" ]`). The series (`hail_up_to_date`,
+        `hail_last_success_timestamp_seconds`, `hail_deployed_build_id`,
+        `hail_rollbacks_total`, `hail_errors_total{kind=…}`, …) are listed in hail's
+        README. `null` writes none.
       '';
     };
 
@@ -448,7 +488,14 @@ in
           // lib.optionalAttrs (instance.netrcFile != null) {
             HAIL_NETRC_FILE = toString instance.netrcFile;
           }
+          // lib.optionalAttrs (instance.keepGenerations != null) {
+            HAIL_KEEP_GENERATIONS = toString instance.keepGenerations;
+          }
+          // lib.optionalAttrs (cfg.metricsDir != null) {
+            HAIL_METRICS_FILE = "${toString cfg.metricsDir}/hail-${name}.prom";
+          }
           // instance.environment;
+          onFailure = instance.onFailure;
           # ExecStart= accumulates in drop-ins of oneshot units: "" resets the
           # template's line, then the one command follows.
           serviceConfig = lib.mkIf (instance.extraArgs != [ ]) {

@@ -69,6 +69,7 @@ let
       };
       wantedBy = unitList;
       requiredBy = unitList;
+      onFailure = unitList;
       wants = unitList;
       requires = unitList;
       after = unitList;
@@ -192,6 +193,8 @@ let
         jobUri = jobUri "web";
         netrcFile = "/run/secrets/hydra-netrc";
         environment.NIX_CONFIG = "connect-timeout = 5";
+        keepGenerations = 5;
+        onFailure = [ "notify-admins@%n.service" ];
       };
       db = {
         profile = "hail-profiles/db";
@@ -320,6 +323,11 @@ let
         ""
         "${hail} --oneshot \"--timeout\" \"600\""
       ];
+    keepGenerationsAndOnFailure =
+      good.services."hail@web".environment.HAIL_KEEP_GENERATIONS == "5"
+      && good.services."hail@web".onFailure == [ "notify-admins@%n.service" ]
+      && !(good.services."hail@db".environment ? HAIL_KEEP_GENERATIONS)
+      && good.services."hail@db".onFailure == [ ];
     noExtraArgsNoExecStart = !(good.services."hail@web".serviceConfig ? ExecStart);
     timer =
       good.timers."hail@db".timerConfig.OnUnitInactiveSec == "1h"
