@@ -168,6 +168,11 @@ fn timer_pass_failure_and_activation_at_boot() {
     let timers = c.systemctl(&["list-timers", "--all", TIMER]);
     assert!(timers.stdout.contains(PASS), "{timers:?}");
     // Boot activation without a profile yet: succeeds, activates nothing.
+    wait_for(
+        Duration::from_secs(30),
+        "the boot activation to finish",
+        || is_active(c, BOOT) != "activating",
+    );
     assert_eq!(is_active(c, BOOT), "active");
     journal_with(c, BOOT, "does not exist yet");
     assert!(
@@ -205,6 +210,11 @@ fn timer_pass_failure_and_activation_at_boot() {
     // 5. After a reboot, hail-activate@demo activated the profile again.
     container.restart();
     let c = &container;
+    wait_for(
+        Duration::from_secs(30),
+        "the boot activation to finish",
+        || !matches!(is_active(c, BOOT).as_str(), "activating" | "inactive"),
+    );
     assert_eq!(is_active(c, BOOT), "active");
     assert_eq!(
         lines(c, ACTIVATIONS),
