@@ -352,13 +352,7 @@ fn kill_group(pid: u32, signal: rustix::process::Signal) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn argv(cmd: &Command) -> Vec<String> {
-        std::iter::once(cmd.get_program())
-            .chain(cmd.get_args())
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
-    }
+    use crate::process::argv;
 
     #[test]
     fn transient_unit_names_are_escaped() {

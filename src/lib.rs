@@ -24,7 +24,7 @@ use clap::Parser;
 use crate::activate::Runner;
 use crate::cli::{Cli, Command, ManagerCommand, ServiceCommand};
 use crate::hydra::Selection;
-use crate::pass::{Pass, PassConfig};
+use crate::pass::Pass;
 use crate::profile::Profile;
 use crate::state::StateDir;
 use crate::store_path::StoreDir;
@@ -126,7 +126,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 selection,
                 args.output,
             )?;
-            let pass = Pass::from(PassConfig {
+            let pass = Pass {
                 hydra,
                 runner: Runner::detect(&profile.name),
                 profile,
@@ -142,7 +142,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 min_build_age: args.min_build_age,
                 keep_generations: args.keep_generations,
                 metrics_file: args.metrics_file,
-            });
+                step: Default::default(),
+            };
             pass.run()?;
         }
     }

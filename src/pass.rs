@@ -44,12 +44,14 @@ pub struct Pass {
     /// After a successful deploy, keep only this many generations.
     pub keep_generations: Option<u64>,
     pub metrics_file: Option<PathBuf>,
-    /// What the pass is doing, which names the kind of a failure.
-    step: Cell<Step>,
+    /// What the pass is doing, which names the kind of a failure
+    /// (`Default::default()` when building a pass).
+    pub step: Cell<Step>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Step {
+    #[default]
     State,
     Hydra,
     Nix,
@@ -63,44 +65,6 @@ impl Step {
             Self::Hydra => "hydra",
             Self::Nix => "nix",
             Self::Activation => "activation",
-        }
-    }
-}
-
-/// Everything a pass needs; see [`Pass`].
-pub struct PassConfig {
-    pub hydra: hydra::Client,
-    pub profile: Profile,
-    pub store: StoreDir,
-    pub state: StateDir,
-    pub runner: Runner,
-    pub lock_timeout: Duration,
-    pub activate_timeout: Duration,
-    pub dry_run: bool,
-    pub retry_failed: bool,
-    pub force: bool,
-    pub min_build_age: Option<Duration>,
-    pub keep_generations: Option<u64>,
-    pub metrics_file: Option<PathBuf>,
-}
-
-impl From<PassConfig> for Pass {
-    fn from(c: PassConfig) -> Self {
-        Self {
-            hydra: c.hydra,
-            profile: c.profile,
-            store: c.store,
-            state: c.state,
-            runner: c.runner,
-            lock_timeout: c.lock_timeout,
-            activate_timeout: c.activate_timeout,
-            dry_run: c.dry_run,
-            retry_failed: c.retry_failed,
-            force: c.force,
-            min_build_age: c.min_build_age,
-            keep_generations: c.keep_generations,
-            metrics_file: c.metrics_file,
-            step: Cell::new(Step::State),
         }
     }
 }

@@ -49,13 +49,17 @@ pub fn tail(text: &str, lines: usize) -> Option<String> {
     (!kept.is_empty()).then(|| kept[start..].join("\n"))
 }
 
-/// The command line as a person would type it, for messages.
-pub fn display(cmd: &Command) -> String {
+/// The program and its arguments.
+pub fn argv(cmd: &Command) -> Vec<String> {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|arg| arg.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
+        .collect()
+}
+
+/// The command line as a person would type it, for messages.
+pub fn display(cmd: &Command) -> String {
+    argv(cmd).join(" ")
 }
 
 #[cfg(test)]

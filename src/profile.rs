@@ -289,13 +289,7 @@ fn nix_env<I: IntoIterator<Item = OsString>>(profile: &Path, args: I) -> Command
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn argv(cmd: &Command) -> Vec<String> {
-        std::iter::once(cmd.get_program())
-            .chain(cmd.get_args())
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
-    }
+    use crate::process::argv;
 
     #[test]
     fn profile_names() {

@@ -255,6 +255,7 @@ fn wait_healthy(check: &Path, timeout: Duration) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::process::argv;
 
     #[test]
     fn unit_names() {
@@ -283,10 +284,9 @@ mod tests {
     #[test]
     fn systemctl_argv() {
         let cmd = systemctl_command(&["try-restart"], &["a.service".into(), "b.socket".into()]);
-        let argv: Vec<String> = std::iter::once(cmd.get_program())
-            .chain(cmd.get_args())
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(argv, ["systemctl", "try-restart", "a.service", "b.socket"]);
+        assert_eq!(
+            argv(&cmd),
+            ["systemctl", "try-restart", "a.service", "b.socket"]
+        );
     }
 }
