@@ -3,6 +3,7 @@
 //! which is how the flake's sandboxed check skips the ones that need a Nix store,
 //! loopback servers or systemd.
 
+mod bench;
 mod common;
 mod faults;
 mod nixos;
