@@ -395,11 +395,11 @@ impl Pass {
             state.deployed = before;
             return Err(err.context(format!("build {} was not deployed", build.id)));
         }
+        // The generation is known now; it reaches the disk with the pass's
+        // final save (a pass killed before then finds it from the profile).
         if let Some(deployed) = &mut state.deployed {
             deployed.generation = self.profile.current_generation();
         }
-        self.step.set(Step::State);
-        self.state.save(&self.profile.name, state)?;
         self.activate(state, build)?;
         if let Some(keep) = self.keep_generations {
             self.prune(state, keep);
@@ -512,7 +512,11 @@ impl Pass {
             reason: format!("activate {}", failure.how),
         });
         let deployed = state.deployed.take();
-        let failed_generation = deployed.as_ref().and_then(|d| d.generation);
+        // The profile is at the failed build's generation until we switch back.
+        let failed_generation = deployed
+            .as_ref()
+            .and_then(|d| d.generation)
+            .or_else(|| self.profile.current_generation());
         let previous = deployed.and_then(|d| d.previous);
 
         let outcome = match previous.as_ref().and_then(|p| p.generation.map(|g| (p, g))) {
