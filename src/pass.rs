@@ -372,14 +372,17 @@ impl Pass {
     ) -> Result<Outcome> {
         log::info!("deploying build {} ({})", build.id, build.out_path);
         self.step.set(Step::State);
-        let previous = current.map(|path| Previous {
-            build_id: state
+        let previous = current.map(|path| {
+            let same = state
                 .deployed
                 .as_ref()
-                .filter(|d| d.store_path == path.as_str())
-                .map(|d| d.build_id),
-            store_path: path.to_string(),
-            generation: self.profile.current_generation(),
+                .filter(|d| d.store_path == path.as_str());
+            Previous {
+                build_id: same.map(|d| d.build_id),
+                at: same.map(|d| d.at),
+                store_path: path.to_string(),
+                generation: self.profile.current_generation(),
+            }
         });
         let before = state.deployed.take();
         // Record the intent first: a pass killed after the switch finds the
@@ -568,7 +571,7 @@ impl Pass {
             store_path: previous.store_path.clone(),
             generation: Some(generation),
             job: self.hydra.job().to_string(),
-            at: state::now(),
+            at: previous.at.unwrap_or_else(state::now),
             activation: ActivationState::Done,
             previous: None,
         });

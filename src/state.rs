@@ -243,6 +243,9 @@ pub struct Previous {
     pub build_id: Option<u64>,
     pub store_path: String,
     pub generation: Option<u64>,
+    /// When it was deployed, if hail deployed it.
+    #[serde(default)]
+    pub at: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

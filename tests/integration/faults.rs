@@ -310,6 +310,8 @@ fn table_of_faults_loses_nothing() {
 #[test]
 fn rollback_names_the_build_status_and_stderr() {
     let (world, _) = deployed_a();
+    let deployed_at = state(&world)["deployed"]["at"].clone();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let (id, b) = publish_b(
         &world,
         "echo 'b cannot start: port 8080 in use' >&2; exit 1",
@@ -337,6 +339,9 @@ fn rollback_names_the_build_status_and_stderr() {
             .unwrap()
             .ends_with(&format!("previous={b} profile=web cwd=/"))
     );
+    // The restored deployment keeps its own history.
+    assert_eq!(state(&world)["deployed"]["at"], deployed_at);
+    assert_eq!(state(&world)["deployed"]["build_id"], 1);
 }
 
 #[test]
