@@ -227,8 +227,14 @@
 
       formatter = forAllSystems (_: pkgs: pkgs.nixfmt);
 
-      # Reserved for library functions for flakes that deploy with hail (a later issue
-      # adds lib.mkServiceProfile and lib.mkManagerProfile here).
-      lib = { };
+      # For flakes that deploy with hail: lib.mkServiceProfile, lib.mkManagerProfile
+      # (nix/lib), and lib.mkBlueGreenProfile (examples/blue-green).
+      lib =
+        import ./nix/lib {
+          hail = pkgs: self.packages.${pkgs.stdenv.hostPlatform.system}.hail;
+        }
+        // {
+          mkBlueGreenProfile = import ./examples/blue-green;
+        };
     };
 }

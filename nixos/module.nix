@@ -10,7 +10,9 @@
 #                                 (when `activateAtBoot`)
 #
 # The module has no `services.hail.enable`: it is active as soon as one instance is
-# enabled, and defining no instance (or only disabled ones) adds nothing to the system.
+# enabled. Defining no instance (or only disabled ones) adds one unit only,
+# hail-removed-instances.service, which does nothing on a machine that never had an
+# instance: it is what takes down the profiles of instances that disappeared.
 #
 # Style: no `with lib;`; the same conventions as nixpkgs' system.autoUpgrade module.
 { config, lib, ... }:
@@ -19,6 +21,9 @@ let
   cfg = config.services.hail;
 
   enabledInstances = lib.filterAttrs (_: instance: instance.enable) cfg.instances;
+
+  # What hail-removed-instances.service compares with the profiles it remembers.
+  currentProfiles = lib.unique (lib.mapAttrsToList (_: instance: instance.profile) enabledInstances);
 
   hail = "${cfg.package}/bin/hail";
 
@@ -120,8 +125,10 @@ let
           example = false;
           description = ''
             Whether to keep this instance's profile deployed. A disabled instance
-            generates no units at all and is not validated. Disabling it does not touch
-            the profile that was deployed already.
+            generates no units at all and is not validated. Disabling an instance, like
+            removing it, takes down what its profile set up: the switch runs the
+            profile's `bin/deactivate` (see `hail-removed-instances.service`). The
+            profile itself and its generations stay.
           '';
         };
 
@@ -352,7 +359,69 @@ in
     };
   };
 
-  config = lib.mkIf (enabledInstances != { }) {
+  config = lib.mkMerge [
+  {
+    # Instances that disappear (removed, or disabled): their timers and boot units go
+    # with the configuration, and this takes down what their profiles set up. It
+    # remembers the enabled instances' profiles in /var/lib/hail/nixos-instances; its
+    # script embeds the current list, so a switch that changes the list restarts it,
+    # and it runs `/nix/var/nix/profiles/PROFILE/bin/deactivate` for every profile
+    # that was on the remembered list and is not on the current one. A deactivate
+    # that fails is reported (the unit fails) and retried at the next switch or boot.
+    # It stays in the system when the last instance goes, so that the last one is
+    # taken down too; it does nothing on a machine that never had an instance.
+    systemd.services.hail-removed-instances = {
+      description = "hail: take down the profiles of removed instances";
+      documentation = [ "https://github.com/hail-cd/hail" ];
+      wantedBy = [ "multi-user.target" ];
+      # The switch does not stop a pass that is running (X-StopOnRemoval=false on
+      # hail@), and this does not wait for one: a pass of a removed instance that
+      # ends after this ran may activate its profile once more (rare; run the
+      # profile's bin/deactivate by hand then).
+      after = [ "local-fs.target" ];
+      # deactivate scripts run systemctl (a service profile's `hail service deactivate`).
+      path = [ config.systemd.package ];
+      unitConfig.ConditionPathExists = lib.mkIf (enabledInstances == { }) "/var/lib/hail/nixos-instances";
+      serviceConfig = {
+        Type = "oneshot";
+        RemainAfterExit = true;
+        StateDirectory = "hail";
+        UMask = "0022";
+      };
+      script = ''
+        list=/var/lib/hail/nixos-instances
+        current=${lib.escapeShellArg (lib.concatMapStrings (profile: profile + "\n") currentProfiles)}
+        keep=
+        failed=0
+        if [ -f "$list" ]; then
+          while IFS= read -r profile; do
+            [ -n "$profile" ] || continue
+            if printf '%s' "$current" | grep -qxF -- "$profile"; then continue; fi
+            deactivate=/nix/var/nix/profiles/$profile/bin/deactivate
+            if [ ! -e "$deactivate" ]; then
+              echo "profile $profile was removed; it has no bin/deactivate"
+              continue
+            fi
+            echo "profile $profile was removed; running $deactivate"
+            if ! "$deactivate" </dev/null; then
+              echo "$deactivate failed; trying again at the next switch or boot" >&2
+              keep="$keep$profile
+        "
+              failed=1
+            fi
+          done < "$list"
+        fi
+        if [ -z "$current$keep" ]; then
+          rm -f "$list"
+        else
+          printf '%s%s' "$current" "$keep" > "$list.tmp"
+          mv -f "$list.tmp" "$list"
+        fi
+        exit "$failed"
+      '';
+    };
+  }
+  (lib.mkIf (enabledInstances != { }) {
     assertions =
       lib.concatLists (lib.mapAttrsToList instanceAssertions enabledInstances)
       ++ lib.mapAttrsToList (profile: names: {
@@ -550,5 +619,6 @@ in
         };
       }
     ) enabledInstances;
-  };
+  })
+  ];
 }

@@ -113,6 +113,15 @@ impl Manager {
             } else {
                 systemctl(&["disable", &boot])?;
             }
+            // An instance this manager did not run before, whose profile exists
+            // (say it was dropped, which deactivated it, and is listed again):
+            // its pass would find the profile up to date and not activate it, so
+            // the boot unit does. Not waited for: if the instance is this
+            // manager itself, that activation waits for the one running now.
+            let profile_exists = self.profiles_dir.join(profile.as_str()).exists();
+            if !before.contains(profile) && profile_exists {
+                systemctl(&["start", "--no-block", &boot])?;
+            }
         }
         log::info!(
             "manager: instances {:?}",

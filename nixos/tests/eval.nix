@@ -115,6 +115,10 @@ let
           type = unitSettings;
           default = { };
         };
+        script = mkOption {
+          type = types.lines;
+          default = "";
+        };
       };
       # What NixOS does to every stage-2 service, template drop-ins included: a minimal
       # default path, and a PATH= line made from `path`.
@@ -300,6 +304,14 @@ let
 
   fails = value: !(builtins.tryEval (builtins.deepSeq value value)).success;
   anyMessage = infix: messages: lib.any (lib.hasInfix infix) messages;
+  # Without an enabled instance, only the unit that takes down removed ones, which
+  # does nothing unless an earlier configuration had instances.
+  onlyRemovalUnit =
+    case:
+    lib.attrNames case.services == [ "hail-removed-instances" ]
+    &&
+      case.services.hail-removed-instances.unitConfig.ConditionPathExists
+      == "/var/lib/hail/nixos-instances";
 
   good = cases.good;
   hail = "${fakeHail}/bin/hail";
@@ -338,8 +350,8 @@ let
       && good.services."hail-activate@db".wantedBy == [ ]
       && good.services."hail-activate@db".environment.HAIL_PROFILE == "hail-profiles/db";
     disabledGeneratesNothing =
-      !(good.services ? "hail@retired") && cases.onlyDisabled.services == { };
-    emptyGeneratesNothing = cases.empty.services == { } && cases.empty.timers == { };
+      !(good.services ? "hail@retired") && onlyRemovalUnit cases.onlyDisabled;
+    emptyGeneratesNothing = onlyRemovalUnit cases.empty && cases.empty.timers == { };
     duplicateProfileFails = anyMessage "all deploy the profile" cases.duplicateProfile.failedAssertions;
     badJobUriFailsEach = lib.length cases.badJobUri.failedAssertions == 5;
     badProfileFailsEach = lib.length cases.badProfile.failedAssertions == 7;

@@ -6,8 +6,10 @@
 mod bench;
 mod common;
 mod faults;
+mod nixlib;
 mod nixos;
 mod observe;
 mod pass;
+mod services;
 mod systemd;
 mod units;

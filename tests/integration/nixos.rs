@@ -150,9 +150,22 @@ fn good_configuration_generates_the_units() {
             "hail-activate@web",
             "hail-activate@db",
             "hail-activate@odd-args",
+            "hail-removed-instances",
         ]),
         "services (no units for the disabled instance)"
     );
+    // It remembers the enabled instances' profiles (not the disabled one's) and
+    // deactivates profiles that were remembered and are gone.
+    let removal = &services["hail-removed-instances"];
+    let script = removal["script"].as_str().expect("a script");
+    assert!(
+        script.contains("current='hail-profiles/db\nodd-args\nweb\n'")
+            && script.contains("/nix/var/nix/profiles/$profile/bin/deactivate")
+            && script.contains("/var/lib/hail/nixos-instances"),
+        "{script}"
+    );
+    assert!(removal["unitConfig"].get("ConditionPathExists").is_none());
+    assert_eq!(strings(&removal["wantedBy"]), ["multi-user.target"]);
     assert_eq!(
         keys(timers),
         BTreeSet::from(["hail@web", "hail@db", "hail@odd-args"])
@@ -285,7 +298,18 @@ fn no_enabled_instance_generates_nothing() {
     };
     let cases = eval_json(&lib, "cases");
     for case in ["empty", "onlyDisabled"] {
-        assert_eq!(cases[case]["services"], serde_json::json!({}), "{case}");
+        // Only the unit that takes down removed instances, idle without their list.
+        let services = &cases[case]["services"];
+        assert_eq!(
+            keys(services),
+            BTreeSet::from(["hail-removed-instances"]),
+            "{case}"
+        );
+        assert_eq!(
+            services["hail-removed-instances"]["unitConfig"]["ConditionPathExists"],
+            "/var/lib/hail/nixos-instances",
+            "{case}"
+        );
         assert_eq!(cases[case]["timers"], serde_json::json!({}), "{case}");
         assert!(messages(&cases[case]).is_empty(), "{case}");
     }

@@ -75,6 +75,17 @@ impl Cache {
             .to_owned()
     }
 
+    /// Builds the Nix expression `expr` in the chroot store (with the host's
+    /// /bin/sh as the only builder tool: see `stub-pkgs.nix`). Returns its
+    /// output paths, in the order nix-build prints them.
+    pub fn build_expr(&self, expr: &str) -> Vec<String> {
+        let out = run(nix_command("nix-build")
+            .arg("--store")
+            .arg(self.store_uri())
+            .args(["--no-out-link", "-E", expr]));
+        out.lines().map(str::to_owned).collect()
+    }
+
     /// Copies `path` into the cache, signed with the cache's key.
     pub fn publish(&self, path: &str) {
         let to = format!(

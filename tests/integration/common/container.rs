@@ -32,8 +32,21 @@ use super::{Run, run_bounded};
 /// that cargo built runs in it.
 const SUITE: &str = "bookworm";
 /// What the rootfs holds on top of `minbase`: systemd as init, nix-env for
-/// hail, procps for looking around when a test fails.
-const PACKAGES: &[&str] = &["systemd", "systemd-sysv", "dbus", "nix-bin", "procps"];
+/// hail, procps for looking around when a test fails (and `pgrep` for the
+/// blue-green example), busybox (`httpd`, `wget`) and nginx for the service
+/// profiles and the blue-green example (`services::`).
+const PACKAGES: &[&str] = &[
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "nix-bin",
+    "procps",
+    "busybox",
+    "nginx",
+];
+/// Run by mmdebstrap on the finished rootfs (`$1`): Debian's nginx.service would
+/// listen on port 80 of the network every container shares with the host.
+const CUSTOMIZE_HOOKS: &[&str] = &["ln -sf /dev/null \"$1/etc/systemd/system/nginx.service\""];
 /// Names of containers, cgroups and rootfs copies: `hail-test-PID-N`.
 const PREFIX: &str = "hail-test-";
 /// PATH for commands run in the container.
@@ -558,9 +571,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// lock file) and kept under the cargo target dir, one per package list.
 fn base_rootfs() -> PathBuf {
     let packages = PACKAGES.join(",");
+    let hooks = CUSTOMIZE_HOOKS.join("\n");
     let key = format!(
         "{SUITE}-{:016x}",
-        fnv1a(format!("{SUITE} minbase {packages}").as_bytes())
+        fnv1a(format!("{SUITE} minbase {packages} {hooks}").as_bytes())
     );
     let root = target_tmp().join("hail-test-rootfs");
     let done = root.join(&key);
@@ -592,6 +606,11 @@ fn base_rootfs() -> PathBuf {
     let status = Command::new("mmdebstrap")
         .args(["--variant=minbase", "--include"])
         .arg(&packages)
+        .args(
+            CUSTOMIZE_HOOKS
+                .iter()
+                .map(|h| format!("--customize-hook={h}")),
+        )
         .arg(SUITE)
         .arg(&partial)
         .stdin(Stdio::null())
