@@ -11,7 +11,7 @@
 //! loud SKIP.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
@@ -381,44 +381,9 @@ fn assert_blue_green_layout(store: &Store, profile: &str) {
     }
 }
 
-/// nixpkgs' lib as a Nix expression, or `None` after printing why the test is skipped.
-fn nixpkgs_lib(test: &str) -> Option<String> {
-    let path = match std::env::var("NIXPKGS_LIB") {
-        Ok(path) if !path.is_empty() => {
-            let path = Path::new(&path)
-                .canonicalize()
-                .unwrap_or_else(|err| panic!("NIXPKGS_LIB={path}: {err}"));
-            assert!(
-                path.join("default.nix").is_file(),
-                "NIXPKGS_LIB={} is not nixpkgs' lib directory",
-                path.display()
-            );
-            path.to_string_lossy().into_owned()
-        }
-        _ => {
-            let found = run(
-                nix_instantiate().args(["--find-file", "nixpkgs/lib"]),
-                NIX_HINT,
-            );
-            if !found.status.success() {
-                eprintln!(
-                    "SKIP nixlib::{test}: no nixpkgs lib (set NIXPKGS_LIB=/path/to/nixpkgs/lib)"
-                );
-                return None;
-            }
-            String::from_utf8_lossy(&found.stdout).trim().to_owned()
-        }
-    };
-    assert!(
-        !path.contains(['"', '\\', '$']),
-        "nixpkgs lib path {path:?}: quotes, backslashes and dollars are not supported"
-    );
-    Some(format!("import (/. + \"{path}\")"))
-}
-
 #[test]
 fn defaults_that_use_nixpkgs_lib() {
-    let Some(lib) = nixpkgs_lib("defaults_that_use_nixpkgs_lib") else {
+    let Some(lib) = crate::units::nixpkgs_lib("nixlib::defaults_that_use_nixpkgs_lib") else {
         return;
     };
     let store = Store::new();

@@ -8,49 +8,14 @@
 //! locked nixpkgs (`checks.<system>.module-eval`).
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Output;
 
 use serde_json::Value;
 
 use crate::units::{
-    NIX_HINT, hail_bin, nix_instantiate, output_text, repo, run, systemd_verify, temp_dir,
+    NIX_HINT, hail_bin, nix_instantiate, nixpkgs_lib, output_text, repo, run, systemd_verify,
+    temp_dir,
 };
-
-/// A Nix expression for nixpkgs' lib, or `None` after printing why the test is skipped.
-fn nixpkgs_lib(test: &str) -> Option<String> {
-    let path = match std::env::var("NIXPKGS_LIB") {
-        Ok(path) if !path.is_empty() => {
-            let path = Path::new(&path)
-                .canonicalize()
-                .unwrap_or_else(|err| panic!("NIXPKGS_LIB={path}: {err}"));
-            assert!(
-                path.join("default.nix").is_file() && path.join("modules.nix").is_file(),
-                "NIXPKGS_LIB={} is not nixpkgs' lib directory (no default.nix/modules.nix)",
-                path.display()
-            );
-            path.to_string_lossy().into_owned()
-        }
-        _ => {
-            let found = run(
-                nix_instantiate().args(["--find-file", "nixpkgs/lib"]),
-                NIX_HINT,
-            );
-            if !found.status.success() {
-                eprintln!(
-                    "SKIP nixos::{test}: no nixpkgs lib (set NIXPKGS_LIB=/path/to/nixpkgs/lib)"
-                );
-                return None;
-            }
-            String::from_utf8_lossy(&found.stdout).trim().to_string()
-        }
-    };
-    assert!(
-        !path.contains(['"', '\\', '$']),
-        "nixpkgs lib path {path:?}: quotes, backslashes and dollars are not supported"
-    );
-    Some(format!("import (/. + \"{path}\")"))
-}
 
 /// `nix-instantiate --eval --strict --json nixos/tests/eval.nix -A ATTR`.
 fn eval(lib: &str, attr: &str) -> Output {
@@ -122,7 +87,7 @@ fn assert_failures(cases: &Value, case: &str, expected: &[&[&str]]) {
 
 #[test]
 fn good_configuration_generates_the_units() {
-    let Some(lib) = nixpkgs_lib("good_configuration_generates_the_units") else {
+    let Some(lib) = nixpkgs_lib("nixos::good_configuration_generates_the_units") else {
         return;
     };
     let hail = format!(
@@ -293,7 +258,7 @@ fn good_configuration_generates_the_units() {
 
 #[test]
 fn no_enabled_instance_generates_nothing() {
-    let Some(lib) = nixpkgs_lib("no_enabled_instance_generates_nothing") else {
+    let Some(lib) = nixpkgs_lib("nixos::no_enabled_instance_generates_nothing") else {
         return;
     };
     let cases = eval_json(&lib, "cases");
@@ -317,7 +282,7 @@ fn no_enabled_instance_generates_nothing() {
 
 #[test]
 fn bad_configurations_fail_with_the_fix() {
-    let Some(lib) = nixpkgs_lib("bad_configurations_fail_with_the_fix") else {
+    let Some(lib) = nixpkgs_lib("nixos::bad_configurations_fail_with_the_fix") else {
         return;
     };
     let cases = eval_json(&lib, "cases");
@@ -403,7 +368,7 @@ fn bad_configurations_fail_with_the_fix() {
 
 #[test]
 fn missing_job_uri_and_package_fail_to_evaluate() {
-    let Some(lib) = nixpkgs_lib("missing_job_uri_and_package_fail_to_evaluate") else {
+    let Some(lib) = nixpkgs_lib("nixos::missing_job_uri_and_package_fail_to_evaluate") else {
         return;
     };
     for (attr, expected) in [
@@ -423,7 +388,7 @@ fn missing_job_uri_and_package_fail_to_evaluate() {
 #[test]
 fn nix_side_expectations_hold() {
     // What the flake's checks.<system>.module-eval asserts, run here too.
-    let Some(lib) = nixpkgs_lib("nix_side_expectations_hold") else {
+    let Some(lib) = nixpkgs_lib("nixos::nix_side_expectations_hold") else {
         return;
     };
     assert_eq!(
@@ -446,7 +411,7 @@ fn environment_line(key: &str, value: &Value) -> String {
 fn generated_service_lines_pass_systemd_analyze() {
     // The module's ExecStart quoting and environment values, written the way NixOS renders
     // them into a template and drop-in, must not make systemd say a word.
-    let Some(lib) = nixpkgs_lib("generated_service_lines_pass_systemd_analyze") else {
+    let Some(lib) = nixpkgs_lib("nixos::generated_service_lines_pass_systemd_analyze") else {
         return;
     };
     let fake_hail = format!(

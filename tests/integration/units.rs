@@ -537,3 +537,36 @@ fn pass_command_takes_everything_from_the_environment() {
         "a failed pass created something in the profiles dir"
     );
 }
+
+/// A Nix expression for nixpkgs' lib, or `None` after printing why the test is skipped.
+pub(crate) fn nixpkgs_lib(test: &str) -> Option<String> {
+    let path = match std::env::var("NIXPKGS_LIB") {
+        Ok(path) if !path.is_empty() => {
+            let path = Path::new(&path)
+                .canonicalize()
+                .unwrap_or_else(|err| panic!("NIXPKGS_LIB={path}: {err}"));
+            assert!(
+                path.join("default.nix").is_file() && path.join("modules.nix").is_file(),
+                "NIXPKGS_LIB={} is not nixpkgs' lib directory (no default.nix/modules.nix)",
+                path.display()
+            );
+            path.to_string_lossy().into_owned()
+        }
+        _ => {
+            let found = run(
+                nix_instantiate().args(["--find-file", "nixpkgs/lib"]),
+                NIX_HINT,
+            );
+            if !found.status.success() {
+                eprintln!("SKIP {test}: no nixpkgs lib (set NIXPKGS_LIB=/path/to/nixpkgs/lib)");
+                return None;
+            }
+            String::from_utf8_lossy(&found.stdout).trim().to_string()
+        }
+    };
+    assert!(
+        !path.contains(['"', '\\', '$']),
+        "nixpkgs lib path {path:?}: quotes, backslashes and dollars are not supported"
+    );
+    Some(format!("import (/. + \"{path}\")"))
+}
