@@ -482,6 +482,15 @@ fn basic_auth_from_netrc() {
     let run = world.pass(&["--netrc-file", world.path("missing").to_str().unwrap()]);
     assert_exit(&run, 1);
     assert!(run.stderr.contains("cannot read netrc file"), "{run:?}");
+
+    std::fs::write(&netrc, "machine 127.0.0.1 login\n").unwrap();
+    let run = world.pass(&["--netrc-file", netrc.to_str().unwrap()]);
+    assert_exit(&run, 1);
+    assert!(
+        run.stderr
+            .contains(&format!("netrc file {} is malformed", netrc.display())),
+        "{run:?}"
+    );
 }
 
 #[test]
@@ -572,4 +581,174 @@ fn concurrent_passes_deploy_once() {
     assert_eq!(world.generations(), [1]);
     assert_eq!(world.activations().len(), 1);
     assert!(runs.iter().any(|r| r.stderr.contains("up to date")));
+}
+
+/// nginx terminating TLS with a certificate from a private CA, proxying to
+/// the stand-in (as a reverse proxy in front of Hydra would).
+struct TlsProxy {
+    port: u16,
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl TlsProxy {
+    fn start(upstream: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl (apt-get install openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"],
+                &ec[..],
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=hail test CA",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"],
+                &ec[..],
+                &[
+                    "-keyout",
+                    "srv.key",
+                    "-out",
+                    "srv.csr",
+                    "-subj",
+                    "/CN=localhost",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(
+            d.join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let p = d.display();
+        let conf = format!(
+            "daemon off; master_process off; pid {p}/nginx.pid; error_log {p}/error.log;\nevents {{}}\n\
+             http {{ access_log off; client_body_temp_path {p}; proxy_temp_path {p}; fastcgi_temp_path {p}; uwsgi_temp_path {p}; scgi_temp_path {p};\n\
+             server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {p}/srv.pem; ssl_certificate_key {p}/srv.key;\n\
+             location / {{ proxy_pass {upstream}; proxy_set_header Host $http_host; }} }} }}\n"
+        );
+        std::fs::write(d.join("nginx.conf"), conf).unwrap();
+        let child = std::process::Command::new("nginx")
+            .args(["-c", &format!("{p}/nginx.conf"), "-p", &p.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx (apt-get install nginx-light)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Self { port, child, dir }
+    }
+
+    fn ca(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn https_hydra_behind_a_private_ca() {
+    let world = World::new();
+    let (id, path) = world.publish("a");
+    let proxy = TlsProxy::start(&world.hydra.origin());
+    let job = format!("https://localhost:{}/job/hail/main/{JOB}", proxy.port);
+    let dry_run = |var: Option<&str>| {
+        let mut cmd = world.hail_with_job(&job);
+        cmd.arg("--dry-run")
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("NIX_SSL_CERT_FILE");
+        if let Some(var) = var {
+            cmd.env(var, proxy.ca());
+        }
+        world.run(cmd)
+    };
+    // The system trust store does not know the private CA: refused.
+    let run = dry_run(None);
+    assert_exit(&run, 1);
+    assert!(run.stderr.to_lowercase().contains("certificate"), "{run:?}");
+    // Trusting it through either variable works, over TLS.
+    for var in ["SSL_CERT_FILE", "NIX_SSL_CERT_FILE"] {
+        let run = dry_run(Some(var));
+        assert_exit(&run, 0);
+        assert!(
+            run.stdout
+                .contains(&format!("would deploy build {id} {path}")),
+            "{var}: {run:?}"
+        );
+    }
+    // Every request reached the stand-in through the proxy with the JSON Accept.
+    let api = world.hydra.api_requests();
+    assert_eq!(api.len(), 4, "{api:?}");
+    assert!(
+        api.iter()
+            .all(|r| r.header("Accept") == Some("application/json"))
+    );
+    // A CA file that is missing is named.
+    let mut cmd = world.hail_with_job(&job);
+    cmd.arg("--dry-run")
+        .env_remove("NIX_SSL_CERT_FILE")
+        .env("SSL_CERT_FILE", world.path("no-such-ca.pem"));
+    let run = world.run(cmd);
+    assert_exit(&run, 1);
+    assert!(run.stderr.contains("no-such-ca.pem"), "{run:?}");
 }
