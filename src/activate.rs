@@ -91,7 +91,17 @@ pub fn run(
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<Activation> {
-    let script = profile.join("bin/activate");
+    run_script(&profile.join("bin/activate"), runner, env, timeout)
+}
+
+/// Like [`run`], for another of the profile's scripts (`bin/deactivate`).
+pub fn run_script(
+    script: &Path,
+    runner: &Runner,
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<Activation> {
+    let script = script.to_path_buf();
     if !script.exists() {
         return Ok(Activation::NoScript);
     }

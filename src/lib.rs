@@ -50,6 +50,11 @@ pub fn main() -> ExitCode {
                 None,
                 format_args!("{err:#}"),
             );
+            let first_line = format!("{err:#}");
+            report::status(&format!(
+                "failed: {}",
+                first_line.lines().next().unwrap_or_default()
+            ));
             ExitCode::from(pass::exit_status(&err))
         }
     }

@@ -526,10 +526,7 @@ impl Pass {
             Some((previous, generation)) => {
                 self.restore(state, build, previous, generation, failed_generation)
             }
-            None => self
-                .profile
-                .remove(failed_generation)
-                .map(|()| "removed the profile (there was no previous generation)".to_owned()),
+            None => self.remove_profile(build, failed_generation),
         };
         let outcome = outcome.unwrap_or_else(|err| format!("ROLLING BACK FAILED TOO: {err:#}"));
         report::event(
@@ -552,6 +549,32 @@ impl Pass {
                 .map(|t| format!("\nlast lines of its stderr:\n{t}"))
                 .unwrap_or_default()
         )))
+    }
+
+    /// A first deploy failed: undo what its activate did (with its own
+    /// `bin/deactivate`, if it has one) and remove the profile, so that
+    /// nothing half-activated comes back at boot.
+    fn remove_profile(&self, build: &Build, generation: Option<u64>) -> Result<String> {
+        let id = build.id.to_string();
+        let env = [
+            ("HAIL_PROFILE", self.profile.name.as_str()),
+            ("HAIL_BUILD_ID", id.as_str()),
+            ("HAIL_STORE_PATH", build.out_path.as_str()),
+        ];
+        let deactivate = build.out_path.as_path().join("bin/deactivate");
+        let undone =
+            match activate::run_script(&deactivate, &self.runner, &env, self.activate_timeout)? {
+                Activation::NoScript => "",
+                Activation::Succeeded => "ran its bin/deactivate and ",
+                Activation::Failed(failure) => {
+                    log::warn!("bin/deactivate of build {} {}", build.id, failure.how);
+                    "its bin/deactivate failed; "
+                }
+            };
+        self.profile.remove(generation)?;
+        Ok(format!(
+            "{undone}removed the profile (there was no previous generation)"
+        ))
     }
 
     fn restore(

@@ -6,7 +6,7 @@
 //! units an earlier version had and this one has not, and runs the profile's
 //! health check. Running it twice changes nothing the second time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -61,6 +61,21 @@ impl Service {
             .join(format!(".hail-service-{}.units", self.name))
     }
 
+    /// Units whose new content is on disk but which were not restarted yet.
+    fn pending_file(&self) -> PathBuf {
+        self.unit_dir
+            .join(format!(".hail-service-{}.restart", self.name))
+    }
+
+    fn pending_restarts(&self) -> BTreeSet<String> {
+        std::fs::read_to_string(self.pending_file())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| valid_unit_name(l))
+            .map(str::to_owned)
+            .collect()
+    }
+
     fn installed_units(&self) -> Vec<String> {
         std::fs::read_to_string(self.manifest())
             .unwrap_or_default()
@@ -85,13 +100,29 @@ impl Service {
             .with_context(|| format!("cannot create {}", self.unit_dir.display()))?;
         let mut changes = Changes::default();
         for (name, content) in &wanted {
-            let target = self.unit_dir.join(name);
-            match std::fs::read(&target) {
-                Ok(old) if &old == content => continue,
+            match std::fs::read(self.unit_dir.join(name)) {
+                Ok(old) if &old == content => {}
                 Ok(_) => changes.changed.push(name.clone()),
                 Err(_) => changes.installed.push(name.clone()),
             }
-            write_atomically(&target, content)?;
+        }
+        // Restarts owed by an activation interrupted after it wrote units,
+        // plus this one's, recorded before the units change on disk.
+        let startable = |u: &String| !u.contains("@.");
+        let owed: BTreeSet<String> = self.pending_restarts();
+        let restart: BTreeSet<String> = owed
+            .iter()
+            .filter(|u| wanted.contains_key(*u))
+            .chain(&changes.changed)
+            .filter(|u| startable(u))
+            .cloned()
+            .collect();
+        if !restart.is_empty() {
+            let list: String = restart.iter().map(|u| format!("{u}\n")).collect();
+            write_atomically(&self.pending_file(), list.as_bytes())?;
+        }
+        for name in changes.changed.iter().chain(&changes.installed) {
+            write_atomically(&self.unit_dir.join(name), &wanted[name])?;
         }
         let dropped: Vec<String> = self
             .installed_units()
@@ -108,16 +139,16 @@ impl Service {
         let manifest: String = wanted.keys().map(|u| format!("{u}\n")).collect();
         write_atomically(&self.manifest(), manifest.as_bytes())?;
 
-        if changes != Changes::default() {
+        if changes != Changes::default() || !owed.is_empty() {
             systemctl(&["daemon-reload"], &[])?;
         }
-        let startable = |u: &&String| !u.contains("@.");
-        let restart: Vec<String> = changes.changed.iter().filter(startable).cloned().collect();
         if !restart.is_empty() {
+            let restart: Vec<String> = restart.into_iter().collect();
             systemctl(&["try-restart"], &restart)?;
         }
+        remove_file(&self.pending_file())?;
         // `start` leaves running units alone and brings up new or stopped ones.
-        let start: Vec<String> = wanted.keys().filter(startable).cloned().collect();
+        let start: Vec<String> = wanted.keys().filter(|u| startable(u)).cloned().collect();
         if !start.is_empty() {
             systemctl(&["start"], &start)?;
         }
@@ -147,6 +178,7 @@ impl Service {
             systemctl(&["daemon-reload"], &[])?;
         }
         remove_file(&self.manifest())?;
+        remove_file(&self.pending_file())?;
         log::info!("service {}: removed {units:?}", self.name);
         Ok(units)
     }
@@ -162,7 +194,7 @@ impl Service {
             let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
                 continue;
             };
-            if path == mine || !file.starts_with(".hail-service-") {
+            if path == mine || !file.starts_with(".hail-service-") || !file.ends_with(".units") {
                 continue;
             }
             let theirs = std::fs::read_to_string(&path).unwrap_or_default();

@@ -397,6 +397,31 @@ fn first_deploy_that_fails_removes_the_profile() {
 }
 
 #[test]
+fn failed_first_deploy_is_undone_with_its_deactivate() {
+    let world = World::new();
+    let deactivate =
+        "#!/bin/sh\necho \"deactivated build=$HAIL_BUILD_ID\" >> \"$HAIL_TEST_RECORD\"\n";
+    let path =
+        world
+            .cache
+            .build_with_deactivate("a", &recording_activate("a", "exit 1"), deactivate);
+    world.cache.publish(&path);
+    let id = world.hydra.add_build(JOB, &path, Some(0));
+    let run = world.pass(&[]);
+    assert_exit(&run, 3);
+    assert!(
+        run.stderr
+            .contains("ran its bin/deactivate and removed the profile"),
+        "{run:?}"
+    );
+    assert_eq!(world.profile_target(), None);
+    assert_eq!(
+        world.activations().last().map(String::as_str),
+        Some(format!("deactivated build={id}").as_str())
+    );
+}
+
+#[test]
 fn manual_rollback_is_respected() {
     let (world, a) = deployed_a();
     let (id_b, b) = world.publish("b");

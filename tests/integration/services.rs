@@ -325,6 +325,25 @@ fn service_profile_restarts_what_changed_and_rolls_back() {
         "the unchanged unit restarted"
     );
 
+    // An activation interrupted after writing a changed unit but before
+    // restarting it left a restart owed: the next activation pays it.
+    let owed = format!("{UNIT_DIR}/.hail-service-demo.restart");
+    let write_owed = c.exec(&["sh", "-c", &format!("echo demo-side.service > {owed}")]);
+    assert_exit(&write_owed, 0);
+    reactivate(c, "demo");
+    assert_ne!(
+        started(c, "demo-side.service"),
+        side_v1,
+        "the owed restart was not made"
+    );
+    assert_eq!(
+        started(c, "demo-web.service"),
+        web_v2,
+        "web restarted without cause"
+    );
+    assert_eq!(read(c, &owed), None, "the owed restart stayed recorded");
+    let side_v1 = started(c, "demo-side.service");
+
     // 4. A build whose new version fails its health check is rolled back, and
     // the previous version's activate puts the old unit back.
     let (id3, _) = publish(
@@ -348,7 +367,7 @@ fn service_profile_restarts_what_changed_and_rolls_back() {
         side_v1,
         "the unchanged unit restarted"
     );
-    assert_eq!(lines(c, PRE_SWITCH_LOG), ["v1", "v1", "v2", "v3", "v2"]);
+    assert_eq!(lines(c, PRE_SWITCH_LOG), ["v1", "v1", "v2", "v2", "v3", "v2"]);
     let web_back = started(c, "demo-web.service");
 
     // 5. A failing pre-switch step switches nothing.

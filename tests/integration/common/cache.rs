@@ -51,6 +51,11 @@ impl Cache {
     /// Builds a profile whose `bin/activate` is `activate`, unique to this
     /// call, in the chroot store. Returns its store path.
     pub fn build(&self, label: &str, activate: &str) -> String {
+        self.build_with_deactivate(label, activate, "")
+    }
+
+    /// Like [`Cache::build`], with a `bin/deactivate` too (unless empty).
+    pub fn build_with_deactivate(&self, label: &str, activate: &str, deactivate: &str) -> String {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let nonce = format!(
             "{}-{}-{:?}",
@@ -66,8 +71,18 @@ impl Cache {
             .arg("--no-out-link")
             .arg(expr)
             .args([
-                "--argstr", "label", label, "--argstr", "nonce", &nonce, "--argstr", "activate",
+                "--argstr",
+                "label",
+                label,
+                "--argstr",
+                "nonce",
+                &nonce,
+                "--argstr",
+                "activate",
                 activate,
+                "--argstr",
+                "deactivate",
+                deactivate,
             ]));
         out.lines()
             .last()
