@@ -95,6 +95,23 @@ impl Outcome {
     }
 }
 
+/// What a pass does about Hydra's build; see [`Pass::plan`].
+#[derive(Debug)]
+enum Plan {
+    /// Run the interrupted activation of the build the profile is at.
+    Reactivate,
+    UpToDate,
+    /// The build failed to activate before: exit 3 without touching anything.
+    RefuseFailed(FailedBuild),
+    /// An operator moved the profile away from this deployment.
+    Hold(Deployment),
+    /// Newer, but younger than `--min-build-age`.
+    Wait {
+        eligible_at: u64,
+    },
+    Deploy,
+}
+
 /// An error that ends the pass with exit status 3: activation failed.
 #[derive(Debug)]
 pub struct ActivationFailed(pub String);
@@ -124,7 +141,7 @@ impl Pass {
         }
         report::status("waiting for the profile lock");
         let _lock = self.state.lock(&self.profile.name, self.lock_timeout)?;
-        let mut state = self.state.load(&self.profile.name);
+        let mut state = self.state.load_for_update(&self.profile.name);
         let mut latest = None;
         let result = self.decide(&mut state, &mut latest);
         if !matches!(result, Ok(Outcome::Waiting)) {
@@ -196,23 +213,102 @@ impl Pass {
         }
     }
 
+    /// Says what a pass would do now, from Hydra's answer, the profile and
+    /// the state, and does none of it.
     fn dry_run(&self) -> Result<Outcome> {
         let build = self.hydra.latest_build()?;
         let current = self.profile.current_target(&self.store)?;
-        if current.as_ref() == Some(&build.out_path) {
-            println!("up to date: build {} {}", build.id, build.out_path);
-            return Ok(Outcome::UpToDate);
+        let state = self.state.load(&self.profile.name);
+        let (id, path) = (build.id, &build.out_path);
+        let outcome = match self.plan(&state, &build, current.as_ref()) {
+            Plan::Reactivate => {
+                println!("would run the interrupted activation of build {id} {path} again");
+                Outcome::Reactivated
+            }
+            Plan::UpToDate => {
+                println!("up to date: build {id} {path}");
+                Outcome::UpToDate
+            }
+            Plan::RefuseFailed(failed) => {
+                println!(
+                    "would not deploy build {id} {path}: it failed to activate at {} ({}); \
+                     --retry-failed deploys it",
+                    report::utc(failed.at),
+                    failed.reason
+                );
+                Outcome::Held
+            }
+            Plan::Hold(deployed) => {
+                println!(
+                    "would hold: the profile was moved away from build {} that hail deployed; \
+                     a build newer than {} (or --force) deploys",
+                    deployed.build_id, deployed.build_id
+                );
+                Outcome::Held
+            }
+            Plan::Wait { eligible_at } => {
+                println!(
+                    "would wait: build {id} {path} becomes eligible at {} (--min-build-age)",
+                    report::utc(eligible_at)
+                );
+                Outcome::Waiting
+            }
+            Plan::Deploy => {
+                println!(
+                    "would deploy build {id} {path} (profile {} is at {})",
+                    self.profile.path().display(),
+                    current
+                        .as_ref()
+                        .map_or("nothing yet".into(), |c| c.to_string())
+                );
+                Outcome::WouldDeploy
+            }
+        };
+        Ok(outcome)
+    }
+
+    /// What to do about `build`, given where the profile points and what hail
+    /// remembers. Decides only; changes nothing.
+    fn plan(&self, state: &State, build: &Build, current: Option<&StorePath>) -> Plan {
+        let current_str = current.map(StorePath::as_str);
+        let latest = build.out_path.as_str();
+        if let Some(deployed) = &state.deployed
+            && deployed.activation == ActivationState::Pending
+            && current_str == Some(latest)
+            && deployed.store_path == latest
+        {
+            // Interrupted between the switch and the end of activate (killed,
+            // power loss): the profile is at the build, activation is pending.
+            return Plan::Reactivate;
         }
-        println!(
-            "would deploy build {} {} (profile {} is at {})",
-            build.id,
-            build.out_path,
-            self.profile.path().display(),
-            current
-                .as_ref()
-                .map_or("nothing yet".into(), |c| c.to_string())
-        );
-        Ok(Outcome::WouldDeploy)
+        if current_str == Some(latest) {
+            return Plan::UpToDate;
+        }
+        if let Some(failed) = &state.failed
+            && failed.build_id == build.id
+            && failed.store_path == latest
+            && !self.retry_failed
+        {
+            return Plan::RefuseFailed(failed.clone());
+        }
+        if !self.force
+            && let Some(deployed) = &state.deployed
+        {
+            let switch_never_happened = deployed.activation == ActivationState::Pending
+                && deployed.previous.as_ref().map(|p| p.store_path.as_str()) == current_str;
+            let moved_by_hand =
+                !switch_never_happened && current_str != Some(deployed.store_path.as_str());
+            if moved_by_hand && build.id <= deployed.build_id {
+                return Plan::Hold(deployed.clone());
+            }
+        }
+        if let Some(min_age) = self.min_build_age
+            && let Some(eligible_at) = build.stoptime.map(|t| t + min_age.as_secs())
+            && eligible_at > state::now()
+        {
+            return Plan::Wait { eligible_at };
+        }
+        Plan::Deploy
     }
 
     fn decide(&self, state: &mut State, latest: &mut Option<u64>) -> Result<Outcome> {
@@ -223,67 +319,50 @@ impl Pass {
         self.step.set(Step::State);
         let current = self.profile.current_target(&self.store)?;
         let current_str = current.as_ref().map(StorePath::as_str);
-
-        // Interrupted between the switch and the end of activate (killed,
-        // power loss): the profile is at the build, activation is pending.
-        if let Some(deployed) = &state.deployed
-            && deployed.activation == ActivationState::Pending
-            && current_str == Some(deployed.store_path.as_str())
-            && deployed.store_path == build.out_path.as_str()
-        {
-            report::event(
-                Level::Warn,
-                message_id::ACTIVATION_FAILED,
-                Some((build.id, build.out_path.as_str())),
-                format_args!(
-                    "the activation of build {} was interrupted; running it again",
-                    build.id
-                ),
-            );
-            return self.activate(state, &build).map(|_| Outcome::Reactivated);
-        }
-
-        if current.as_ref() == Some(&build.out_path) {
-            report::event(
-                Level::Info,
-                message_id::UP_TO_DATE,
-                Some((build.id, build.out_path.as_str())),
-                format_args!("up to date: build {} ({})", build.id, build.out_path),
-            );
-            report::status(&format!("up to date: build {}", build.id));
-            if state.deployed.as_ref().map(|d| d.store_path.as_str()) != current_str {
-                // Deployed by someone else (or hail's state was lost): adopt it.
-                state.deployed = Some(self.deployment(&build, ActivationState::Done, None));
-            }
+        let plan = self.plan(state, &build, current.as_ref());
+        if !matches!(plan, Plan::Hold(_)) {
             state.held = None;
-            state.failed = None;
-            return Ok(Outcome::UpToDate);
         }
-
-        if let Some(failed) = &state.failed
-            && failed.build_id == build.id
-            && failed.store_path == build.out_path.as_str()
-            && !self.retry_failed
-        {
-            report::status(&format!("build {} failed before; not retrying", build.id));
-            return Err(anyhow::Error::new(ActivationFailed(format!(
-                "build {} ({}) failed to activate {} ago ({}); it stays rolled back while it is \
-                 Hydra's latest. A newer build deploys as usual; `--retry-failed` tries this one again",
-                build.id,
-                build.out_path,
-                ago(failed.at),
-                failed.reason
-            ))));
-        }
-
-        if !self.force
-            && let Some(deployed) = &state.deployed
-        {
-            let switch_never_happened = deployed.activation == ActivationState::Pending
-                && deployed.previous.as_ref().map(|p| p.store_path.as_str()) == current_str;
-            let moved_by_hand =
-                !switch_never_happened && current_str != Some(deployed.store_path.as_str());
-            if moved_by_hand && build.id <= deployed.build_id {
+        match plan {
+            Plan::Reactivate => {
+                report::event(
+                    Level::Warn,
+                    message_id::ACTIVATION_FAILED,
+                    Some((build.id, build.out_path.as_str())),
+                    format_args!(
+                        "the activation of build {} was interrupted; running it again",
+                        build.id
+                    ),
+                );
+                self.activate(state, &build).map(|_| Outcome::Reactivated)
+            }
+            Plan::UpToDate => {
+                report::event(
+                    Level::Info,
+                    message_id::UP_TO_DATE,
+                    Some((build.id, build.out_path.as_str())),
+                    format_args!("up to date: build {} ({})", build.id, build.out_path),
+                );
+                report::status(&format!("up to date: build {}", build.id));
+                if state.deployed.as_ref().map(|d| d.store_path.as_str()) != current_str {
+                    // Deployed by someone else (or hail's state was lost): adopt it.
+                    state.deployed = Some(self.deployment(&build, ActivationState::Done, None));
+                }
+                state.failed = None;
+                Ok(Outcome::UpToDate)
+            }
+            Plan::RefuseFailed(failed) => {
+                report::status(&format!("build {} failed before; not retrying", build.id));
+                Err(anyhow::Error::new(ActivationFailed(format!(
+                    "build {} ({}) failed to activate {} ago ({}); it stays rolled back while it is \
+                     Hydra's latest. A newer build deploys as usual; `--retry-failed` tries this one again",
+                    build.id,
+                    build.out_path,
+                    ago(failed.at),
+                    failed.reason
+                ))))
+            }
+            Plan::Hold(deployed) => {
                 report::event(
                     Level::Warn,
                     message_id::HELD,
@@ -309,42 +388,35 @@ impl Pass {
                     profile_target: current_str.map(str::to_owned),
                     since,
                 });
-                return Ok(Outcome::Held);
+                Ok(Outcome::Held)
             }
-        }
-
-        state.held = None;
-
-        if let Some(min_age) = self.min_build_age
-            && let Some(eligible_at) = build.stoptime.map(|t| t + min_age.as_secs())
-            && eligible_at > state::now()
-        {
-            report::event(
-                Level::Info,
-                message_id::HELD,
-                Some((build.id, build.out_path.as_str())),
-                format_args!(
-                    "build {} finished {} ago; it becomes eligible at {} (--min-build-age); \
-                     the current deployment stays",
+            Plan::Wait { eligible_at } => {
+                report::event(
+                    Level::Info,
+                    message_id::HELD,
+                    Some((build.id, build.out_path.as_str())),
+                    format_args!(
+                        "build {} finished {} ago; it becomes eligible at {} (--min-build-age); \
+                         the current deployment stays",
+                        build.id,
+                        ago(build.stoptime.unwrap_or_default()),
+                        report::utc(eligible_at)
+                    ),
+                );
+                report::status(&format!(
+                    "waiting: build {} eligible at {}",
                     build.id,
-                    ago(build.stoptime.unwrap_or_default()),
                     report::utc(eligible_at)
-                ),
-            );
-            report::status(&format!(
-                "waiting: build {} eligible at {}",
-                build.id,
-                report::utc(eligible_at)
-            ));
-            state.waiting = Some(Waiting {
-                build_id: build.id,
-                store_path: build.out_path.to_string(),
-                eligible_at,
-            });
-            return Ok(Outcome::Waiting);
+                ));
+                state.waiting = Some(Waiting {
+                    build_id: build.id,
+                    store_path: build.out_path.to_string(),
+                    eligible_at,
+                });
+                Ok(Outcome::Waiting)
+            }
+            Plan::Deploy => self.deploy(state, &build, current),
         }
-
-        self.deploy(state, &build, current)
     }
 
     fn deployment(

@@ -93,9 +93,20 @@ impl StateDir {
         self.file(profile, "json")
     }
 
-    /// The profile's state; a missing file is an empty state, and so is a
-    /// corrupt or unreadable one (reported, and kept aside as `.corrupt`).
+    /// The profile's state, for reading only (`hail status`, `--dry-run`): a
+    /// missing file is an empty state, and so is a corrupt or unreadable one
+    /// (reported).
     pub fn load(&self, profile: &ProfileName) -> State {
+        self.read(profile, false)
+    }
+
+    /// Like [`StateDir::load`], for a pass that will write the state back: a
+    /// corrupt file is first kept aside as `PROFILE.json.corrupt`.
+    pub fn load_for_update(&self, profile: &ProfileName) -> State {
+        self.read(profile, true)
+    }
+
+    fn read(&self, profile: &ProfileName, keep_corrupt_aside: bool) -> State {
         let path = self.state_file(profile);
         let text = match std::fs::read(&path) {
             Ok(text) => text,
@@ -112,11 +123,14 @@ impl StateDir {
             Ok(state) => state,
             Err(err) => {
                 let aside = path.with_extension("json.corrupt");
-                let _ = std::fs::rename(&path, &aside);
+                let kept = if keep_corrupt_aside && std::fs::rename(&path, &aside).is_ok() {
+                    format!(" (the old file is {})", aside.display())
+                } else {
+                    String::new()
+                };
                 log::warn!(
-                    "state file {} is corrupt ({err}); starting from an empty state (the old file is {})",
-                    path.display(),
-                    aside.display()
+                    "state file {} is corrupt ({err}); starting from an empty state{kept}",
+                    path.display()
                 );
                 State::default()
             }
@@ -309,6 +323,8 @@ mod tests {
 
         std::fs::write(states.state_file(&name), b"{\"deployed\": tru").unwrap();
         assert_eq!(states.load(&name), State::default());
+        assert!(!dir.path().join("hail-profiles%2Fweb.json.corrupt").exists());
+        assert_eq!(states.load_for_update(&name), State::default());
         assert!(dir.path().join("hail-profiles%2Fweb.json.corrupt").exists());
     }
 }

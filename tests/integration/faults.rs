@@ -363,6 +363,13 @@ fn failed_build_is_not_retried_until_a_newer_one() {
         "the failed build was retried"
     );
     assert_a_intact(&world, &a, "second pass", &run);
+    let run = world.pass(&["--dry-run"]);
+    assert_exit(&run, 0);
+    assert!(
+        run.stdout
+            .contains(&format!("would not deploy build {id_b}")),
+        "{run:?}"
+    );
 
     let run = world.pass(&["--retry-failed"]);
     assert_exit(&run, 3);
@@ -445,6 +452,16 @@ fn manual_rollback_is_respected() {
     assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
     assert_eq!(world.activations().len(), activations);
     assert_eq!(state(&world)["held"]["build_id"], json!(id_b));
+    // A dry run says so too, and changes nothing.
+    let run = world.pass(&["--dry-run"]);
+    assert_exit(&run, 0);
+    assert!(
+        run.stdout.contains(&format!(
+            "would hold: the profile was moved away from build {id_b}"
+        )),
+        "{run:?}"
+    );
+    assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
 
     // --force deploys the latest regardless.
     let run = world.pass(&["--force"]);

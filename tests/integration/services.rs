@@ -367,7 +367,10 @@ fn service_profile_restarts_what_changed_and_rolls_back() {
         side_v1,
         "the unchanged unit restarted"
     );
-    assert_eq!(lines(c, PRE_SWITCH_LOG), ["v1", "v1", "v2", "v2", "v3", "v2"]);
+    assert_eq!(
+        lines(c, PRE_SWITCH_LOG),
+        ["v1", "v1", "v2", "v2", "v3", "v2"]
+    );
     let web_back = started(c, "demo-web.service");
 
     // 5. A failing pre-switch step switches nothing.
