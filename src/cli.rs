@@ -217,7 +217,8 @@ pub struct PassArgs {
     #[arg(long, env = "HAIL_METRICS_FILE", value_name = "PATH")]
     pub metrics_file: Option<PathBuf>,
 
-    /// Ask Hydra and say what would be deployed; change nothing.
+    /// Ask Hydra and say what a pass would do now (deploy, or why it would
+    /// hold, wait or refuse); change nothing.
     #[arg(long, env = "HAIL_DRY_RUN")]
     pub dry_run: bool,
 
