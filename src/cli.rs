@@ -120,6 +120,11 @@ pub struct ManagerArgs {
         default_value = "/nix/var/nix/profiles"
     )]
     pub profiles_dir: PathBuf,
+
+    /// Seconds bin/activate may run before it is ended (its process group,
+    /// or its transient unit under systemd).
+    #[arg(long, env = "HAIL_ACTIVATE_TIMEOUT", value_name = "SECS", value_parser = parse_seconds, default_value = "600")]
+    pub activate_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -151,6 +156,11 @@ pub struct ProfileArgs {
         default_value = "/nix/var/nix/profiles"
     )]
     pub profiles_dir: PathBuf,
+
+    /// Seconds bin/activate may run before it is ended (its process group,
+    /// or its transient unit under systemd).
+    #[arg(long, env = "HAIL_ACTIVATE_TIMEOUT", value_name = "SECS", value_parser = parse_seconds, default_value = "600")]
+    pub activate_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -178,10 +188,6 @@ pub struct PassArgs {
     /// Seconds a pass waits for another pass on the same profile to finish.
     #[arg(long, env = "HAIL_LOCK_TIMEOUT", value_name = "SECS", value_parser = parse_seconds, default_value = "1800")]
     pub lock_timeout: Duration,
-
-    /// Seconds bin/activate may run before its process group is ended.
-    #[arg(long, env = "HAIL_ACTIVATE_TIMEOUT", value_name = "SECS", value_parser = parse_seconds, default_value = "600")]
-    pub activate_timeout: Duration,
 
     /// The build output to deploy, for jobs whose deployable output is not `out`.
     #[arg(long, env = "HAIL_OUTPUT", value_name = "NAME", default_value = "out", value_parser = parse_output)]
@@ -245,10 +251,6 @@ pub struct PassArgs {
 pub struct ActivateArgs {
     #[command(flatten)]
     pub profile: ProfileArgs,
-
-    /// Seconds bin/activate may run before its process group is ended.
-    #[arg(long, env = "HAIL_ACTIVATE_TIMEOUT", value_name = "SECS", value_parser = parse_seconds, default_value = "600")]
-    pub activate_timeout: Duration,
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {

@@ -66,7 +66,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Activate(args)) => {
             let profile = profile_from(&args.profile)?;
             let runner = Runner::detect(&profile.name);
-            pass::activate_existing(&profile, &store, &runner, args.activate_timeout)?;
+            pass::activate_existing(&profile, &store, &runner, args.profile.activate_timeout)?;
         }
         Some(Command::Service(command)) => match command {
             ServiceCommand::Activate {
@@ -140,7 +140,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     .state_dir
                     .map_or_else(StateDir::default_from_env, StateDir::new),
                 lock_timeout: args.lock_timeout,
-                activate_timeout: args.activate_timeout,
+                activate_timeout: args.profile.activate_timeout,
                 dry_run: args.dry_run,
                 retry_failed: args.retry_failed,
                 force: args.force,

@@ -368,26 +368,32 @@ fn system_picks_latest_for() {
     );
 }
 
+/// A deployable build of JOB in evaluation `eval`: built, published signed,
+/// and successful on Hydra.
+fn publish_in_eval(world: &World, label: &str, eval: u64) -> (u64, String) {
+    let path = world.cache.build(label, &recording_activate(label, ""));
+    world.cache.publish(&path);
+    let id = world
+        .hydra
+        .add_build_in(JOB, "x86_64-linux", &path, Some(0), Some(eval));
+    (id, path)
+}
+
+/// A build of another job of the jobset in evaluation `eval` (queued if
+/// `status` is `None`).
+fn other_job_in_eval(world: &World, status: Option<i64>, eval: u64) -> u64 {
+    let path = "/nix/store/dddddddddddddddddddddddddddddddd-other";
+    world
+        .hydra
+        .add_build_in("other", "x86_64-linux", path, status, Some(eval))
+}
+
 #[test]
 fn latest_finished_skips_evaluations_still_building() {
     let world = World::new();
-    let a = world.cache.build("a", &recording_activate("a", ""));
-    world.cache.publish(&a);
-    let b = world.cache.build("b", &recording_activate("b", ""));
-    world.cache.publish(&b);
-    let id_a = world
-        .hydra
-        .add_build_in(JOB, "x86_64-linux", &a, Some(0), Some(1));
-    let id_b = world
-        .hydra
-        .add_build_in(JOB, "x86_64-linux", &b, Some(0), Some(2));
-    let other = world.hydra.add_build_in(
-        "other",
-        "x86_64-linux",
-        "/nix/store/dddddddddddddddddddddddddddddddd-o",
-        None,
-        Some(2),
-    );
+    let (id_a, a) = publish_in_eval(&world, "a", 1);
+    let (id_b, b) = publish_in_eval(&world, "b", 2);
+    let other = other_job_in_eval(&world, None, 2);
     let run = world.pass(&["--latest-finished"]);
     assert_exit(&run, 0);
     assert_eq!(
@@ -406,30 +412,10 @@ fn latest_finished_skips_evaluations_still_building() {
 #[test]
 fn wait_for_jobset_deploys_only_fully_successful_evaluations() {
     let world = World::new();
-    let a = world.cache.build("a", &recording_activate("a", ""));
-    world.cache.publish(&a);
-    let b = world.cache.build("b", &recording_activate("b", ""));
-    world.cache.publish(&b);
-    world
-        .hydra
-        .add_build_in(JOB, "x86_64-linux", &a, Some(0), Some(1));
-    world.hydra.add_build_in(
-        "other",
-        "x86_64-linux",
-        "/nix/store/dddddddddddddddddddddddddddddddd-o",
-        Some(0),
-        Some(1),
-    );
-    world
-        .hydra
-        .add_build_in(JOB, "x86_64-linux", &b, Some(0), Some(2));
-    let broken = world.hydra.add_build_in(
-        "other",
-        "x86_64-linux",
-        "/nix/store/dddddddddddddddddddddddddddddddd-o",
-        None,
-        Some(2),
-    );
+    let (_, a) = publish_in_eval(&world, "a", 1);
+    other_job_in_eval(&world, Some(0), 1);
+    publish_in_eval(&world, "b", 2);
+    let broken = other_job_in_eval(&world, None, 2);
 
     // Evaluation 2 is still building: deploy a from evaluation 1.
     let run = world.pass(&["--wait-for-jobset"]);
@@ -453,18 +439,8 @@ fn wait_for_jobset_deploys_only_fully_successful_evaluations() {
         "{run:?}"
     );
     // A fully green evaluation 3 deploys.
-    let c = world.cache.build("c", &recording_activate("c", ""));
-    world.cache.publish(&c);
-    world
-        .hydra
-        .add_build_in(JOB, "x86_64-linux", &c, Some(0), Some(3));
-    world.hydra.add_build_in(
-        "other",
-        "x86_64-linux",
-        "/nix/store/dddddddddddddddddddddddddddddddd-o",
-        Some(0),
-        Some(3),
-    );
+    let (_, c) = publish_in_eval(&world, "c", 3);
+    other_job_in_eval(&world, Some(0), 3);
     let run = world.pass(&["--wait-for-jobset"]);
     assert_exit(&run, 0);
     assert_eq!(

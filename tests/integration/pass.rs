@@ -206,13 +206,7 @@ fn no_successful_build_reports_hydras_message() {
     );
     assert_untouched(&world);
 
-    let mut cmd = world.bare_hail();
-    cmd.args(["--profile", "web", "--profiles-dir"])
-        .arg(world.profiles_dir())
-        .arg("--state-dir")
-        .arg(world.state_dir())
-        .arg("--job-uri")
-        .arg(format!("{}/job/hail/nosuch/{JOB}", world.hydra.origin()));
+    let cmd = world.hail_with_job(&format!("{}/job/hail/nosuch/{JOB}", world.hydra.origin()));
     let run = world.run(cmd);
     assert_exit(&run, 1);
     assert!(
@@ -230,13 +224,7 @@ fn hydra_down() {
         .local_addr()
         .unwrap()
         .port();
-    let mut cmd = world.bare_hail();
-    cmd.args(["--profile", "web", "--profiles-dir"])
-        .arg(world.profiles_dir())
-        .arg("--state-dir")
-        .arg(world.state_dir())
-        .arg("--job-uri")
-        .arg(format!("http://127.0.0.1:{port}/job/hail/main/{JOB}"));
+    let cmd = world.hail_with_job(&format!("http://127.0.0.1:{port}/job/hail/main/{JOB}"));
     let run = world.run(cmd);
     assert_exit(&run, 1);
     assert!(run.stderr.contains("connection refused"), "{run:?}");
