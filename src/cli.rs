@@ -120,11 +120,6 @@ pub struct ManagerArgs {
         default_value = "/nix/var/nix/profiles"
     )]
     pub profiles_dir: PathBuf,
-
-    /// Seconds bin/activate may run before it is ended (its process group,
-    /// or its transient unit under systemd).
-    #[arg(long, env = "HAIL_ACTIVATE_TIMEOUT", value_name = "SECS", value_parser = parse_seconds, default_value = "600")]
-    pub activate_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
