@@ -457,3 +457,102 @@ fn generated_service_lines_pass_systemd_analyze() {
         );
     }
 }
+
+/// hail's flake outputs, evaluated offline against a stand-in nixpkgs (the
+/// real lib, fake packages: `common/stub-nixpkgs-flake.nix`) with
+/// `--override-input`: what exists, what it is called, and that every
+/// integration-test area is skipped by name in the sandboxed package check.
+#[test]
+fn flake_outputs_evaluate_against_a_stub_nixpkgs() {
+    let Some(lib) =
+        crate::units::nixpkgs_lib_dir("nixos::flake_outputs_evaluate_against_a_stub_nixpkgs")
+    else {
+        return;
+    };
+    let tmp = temp_dir();
+    let stub = tmp.path().join("stub-nixpkgs");
+    std::fs::create_dir(&stub).unwrap();
+    let copied = std::process::Command::new("cp")
+        .args(["-r", &lib])
+        .arg(stub.join("lib"))
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    std::fs::copy(
+        repo().join("tests/integration/common/stub-nixpkgs-flake.nix"),
+        stub.join("flake.nix"),
+    )
+    .unwrap();
+    let eval = |attr: &str, apply: &str| -> Value {
+        let out = run(
+            std::process::Command::new("nix")
+                .args(["--extra-experimental-features", "nix-command flakes"])
+                .args([
+                    "eval",
+                    "--json",
+                    "--no-write-lock-file",
+                    "--override-input",
+                    "nixpkgs",
+                ])
+                .arg(format!("path:{}", stub.display()))
+                .arg(format!("{}#{attr}", repo().display()))
+                .args(["--apply", apply]),
+            NIX_HINT,
+        );
+        assert!(
+            out.status.success(),
+            "nix eval .#{attr}: {}",
+            output_text(&out)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let names = "builtins.attrNames";
+    for system in ["x86_64-linux", "aarch64-linux"] {
+        let packages = eval(
+            &format!("packages.{system}"),
+            "ps: builtins.mapAttrs (_: p: p.name) ps",
+        );
+        assert_eq!(
+            packages,
+            serde_json::json!({ "default": "hail-0.1.0", "hail": "hail-0.1.0" })
+        );
+        let program = eval(&format!("apps.{system}.default.program"), "p: p");
+        assert!(
+            program.as_str().is_some_and(|p| p.ends_with("/bin/hail")),
+            "{program}"
+        );
+        let checks = eval(&format!("checks.{system}"), names);
+        assert_eq!(
+            checks,
+            serde_json::json!(["hail", "module-eval", "module-units", "vm"])
+        );
+        assert_eq!(
+            eval(&format!("checks.{system}.module-eval.failed"), "f: f"),
+            ""
+        );
+    }
+    assert_eq!(
+        eval("nixosModules", names),
+        serde_json::json!(["default", "hail"])
+    );
+    assert_eq!(eval("overlays.default", "builtins.isFunction"), true);
+    assert_eq!(
+        eval("lib", names),
+        serde_json::json!(["mkBlueGreenProfile", "mkManagerProfile", "mkServiceProfile"])
+    );
+    // Every integration-test area (a `mod` in tests/integration/main.rs) needs a
+    // host, so the sandboxed package check must skip it by name.
+    let skips = eval("packages.x86_64-linux.hail.passthru.checkFlags", "f: f");
+    let main = std::fs::read_to_string(repo().join("tests/integration/main.rs")).unwrap();
+    for area in main
+        .lines()
+        .filter_map(|l| l.strip_prefix("mod ")?.strip_suffix(';'))
+        .filter(|area| *area != "common")
+    {
+        let flag = format!("--skip={area}::");
+        assert!(
+            skips.as_array().unwrap().iter().any(|s| s == flag.as_str()),
+            "flake.nix checkFlags lacks {flag}: {skips}"
+        );
+    }
+}

@@ -540,6 +540,16 @@ fn pass_command_takes_everything_from_the_environment() {
 
 /// A Nix expression for nixpkgs' lib, or `None` after printing why the test is skipped.
 pub(crate) fn nixpkgs_lib(test: &str) -> Option<String> {
+    let path = nixpkgs_lib_dir(test)?;
+    assert!(
+        !path.contains(['"', '\\', '$']),
+        "nixpkgs lib path {path:?}: quotes, backslashes and dollars are not supported"
+    );
+    Some(format!("import (/. + \"{path}\")"))
+}
+
+/// The directory of nixpkgs' lib, or `None` after printing why the test is skipped.
+pub(crate) fn nixpkgs_lib_dir(test: &str) -> Option<String> {
     let path = match std::env::var("NIXPKGS_LIB") {
         Ok(path) if !path.is_empty() => {
             let path = Path::new(&path)
@@ -564,9 +574,5 @@ pub(crate) fn nixpkgs_lib(test: &str) -> Option<String> {
             String::from_utf8_lossy(&found.stdout).trim().to_string()
         }
     };
-    assert!(
-        !path.contains(['"', '\\', '$']),
-        "nixpkgs lib path {path:?}: quotes, backslashes and dollars are not supported"
-    );
-    Some(format!("import (/. + \"{path}\")"))
+    Some(path)
 }
