@@ -105,7 +105,7 @@ pub fn run_script(
     if !script.exists() {
         return Ok(Activation::NoScript);
     }
-    let (mut cmd, wait) = match runner {
+    let (mut cmd, deadline) = match runner {
         Runner::Direct => (activate_command(&script, env), timeout),
         // systemd enforces the timeout on the unit (RuntimeMaxSec); hail's own
         // deadline is only a backstop for a systemd-run that hangs.
@@ -118,7 +118,6 @@ pub fn run_script(
         }
     };
     let started = crate::state::now();
-    let timeout = wait;
     let shown = process::display(&cmd);
     let mut child = cmd.spawn().with_context(|| format!("cannot run {shown}"))?;
     let pid = child.id();
@@ -137,13 +136,13 @@ pub fn run_script(
     std::thread::spawn(move || {
         let _ = done_tx.send(child.wait());
     });
-    let (status, timed_out): (std::io::Result<ExitStatus>, bool) = match done.recv_timeout(timeout)
+    let (status, timed_out): (std::io::Result<ExitStatus>, bool) = match done.recv_timeout(deadline)
     {
         Ok(status) => (status, false),
         Err(_) => {
             log::warn!(
                 "{shown} did not finish within {} s; ending its process group",
-                timeout.as_secs()
+                deadline.as_secs()
             );
             kill_group(pid, rustix::process::Signal::TERM);
             let status = match done.recv_timeout(KILL_GRACE) {

@@ -296,23 +296,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn parse_output(name: &str) -> Result<String, String> {
-    let valid = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_+.-".contains(c));
-    valid
-        .then(|| name.to_owned())
-        .ok_or_else(|| format!("{name:?} is not a derivation output name (e.g. out, bin)"))
+    parse_word(name, "_+.-", "a derivation output name (e.g. out, bin)")
 }
 
 fn parse_system(system: &str) -> Result<String, String> {
-    let valid = !system.is_empty()
-        && system
+    parse_word(system, "_-", "a Nix system (e.g. x86_64-linux)")
+}
+
+/// A non-empty word of ASCII letters, digits and `extra`.
+fn parse_word(word: &str, extra: &str, what: &str) -> Result<String, String> {
+    let valid = !word.is_empty()
+        && word
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c));
+            .all(|c| c.is_ascii_alphanumeric() || extra.contains(c));
     valid
-        .then(|| system.to_owned())
-        .ok_or_else(|| format!("{system:?} is not a Nix system (e.g. x86_64-linux)"))
+        .then(|| word.to_owned())
+        .ok_or_else(|| format!("{word:?} is not {what}"))
 }
 
 fn reject_poll_period(_: &str) -> Result<String, String> {

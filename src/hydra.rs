@@ -44,26 +44,19 @@ pub struct JobUri {
 impl JobUri {
     pub fn parse(uri: &str) -> Result<Self, String> {
         let expected = || format!("{uri:?} is not a Hydra job URI; expected {EXPECTED_JOB_URI}");
-        let (scheme, rest) = uri.split_once("://").ok_or_else(expected)?;
-        let scheme = scheme.to_ascii_lowercase();
-        let default_port = match scheme.as_str() {
-            "http" => 80,
-            "https" => 443,
-            _ => return Err(expected()),
-        };
         if uri
             .chars()
             .any(|c| c.is_whitespace() || c.is_control() || "?#\\".contains(c))
         {
             return Err(format!("{} (no spaces, query or fragment)", expected()));
         }
-        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        if authority.contains('@') {
-            return Err(format!(
+        let (origin, authority, path) = split_url(uri).map_err(|why| match why {
+            UrlError::Credentials => format!(
                 "{uri:?} carries credentials; put them in a netrc file (--netrc-file) instead"
-            ));
-        }
-        let (host, port) = split_authority(authority, default_port).ok_or_else(expected)?;
+            ),
+            UrlError::Invalid => expected(),
+        })?;
+        let Origin { scheme, host, port } = origin;
         let path = path.trim_end_matches('/');
         let at = path.rfind("/job/").ok_or_else(expected)?;
         let (prefix, job_part) = (&path[..at], &path[at + "/job/".len()..]);
@@ -117,6 +110,39 @@ impl fmt::Display for JobUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.url())
     }
+}
+
+/// Where a URL points: what makes two URLs the same origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Lower-cased; IPv6 keeps its brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+enum UrlError {
+    Credentials,
+    Invalid,
+}
+
+/// `scheme://authority/path…` → its origin, the authority as written, and
+/// the path (possibly empty). Only http(s) URLs without credentials.
+fn split_url(url: &str) -> Result<(Origin, &str, &str), UrlError> {
+    let (scheme, rest) = url.split_once("://").ok_or(UrlError::Invalid)?;
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return Err(UrlError::Invalid),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if authority.contains('@') {
+        return Err(UrlError::Credentials);
+    }
+    let (host, port) = split_authority(authority, default_port).ok_or(UrlError::Invalid)?;
+    Ok((Origin { scheme, host, port }, authority, path))
 }
 
 fn split_authority(authority: &str, default_port: u16) -> Option<(String, u16)> {
@@ -391,14 +417,13 @@ impl Client {
                         "Hydra answered {url} with {status} to {location:?}, which is not a Hydra build URL (…/build/ID)"
                     )
                 })?;
-                if let Some(origin) = origin.filter(|o| !self.same_origin(o)) {
+                if origin.is_some_and(|o| !self.same_origin(&o)) {
                     log::warn!(
                         "Hydra redirected to {location}, which is not on the job URI's origin {}; \
                          fetching build {id} from there instead (check the reverse proxy's \
                          X-Forwarded-Host/-Proto headers)",
                         self.job.base
                     );
-                    log::debug!("redirect origin was {origin}");
                 }
                 Ok(id)
             }
@@ -432,11 +457,8 @@ impl Client {
             .map_err(|err| describe_transport_error(err, url))
     }
 
-    fn same_origin(&self, origin: &str) -> bool {
-        let Ok(other) = JobUri::parse(&format!("{origin}/job/p/j/j")) else {
-            return false;
-        };
-        (other.scheme.as_str(), other.host.as_str(), other.port)
+    fn same_origin(&self, origin: &Origin) -> bool {
+        (origin.scheme.as_str(), origin.host.as_str(), origin.port)
             == (
                 self.job.scheme.as_str(),
                 self.job.host.as_str(),
@@ -551,16 +573,12 @@ fn parse_json(response: &Response<ureq::Body>, body: &[u8], url: &str) -> Result
 
 /// `…/build/123` (absolute or relative, any query) → (123, the origin if
 /// the Location was absolute).
-fn build_id_from_location(location: &str) -> Option<(u64, Option<String>)> {
-    let (origin, path) = match location.split_once("://") {
-        Some((scheme, rest)) => {
-            let split = rest.find('/').unwrap_or(rest.len());
-            (
-                Some(format!("{scheme}://{}", &rest[..split])),
-                &rest[split..],
-            )
-        }
-        None => (None, location),
+fn build_id_from_location(location: &str) -> Option<(u64, Option<Origin>)> {
+    let (origin, path) = if location.contains("://") {
+        let (origin, _, path) = split_url(location).ok()?;
+        (Some(origin), path)
+    } else {
+        (None, location)
     };
     let path = path.split(['?', '#']).next().unwrap_or_default();
     let id = path.strip_prefix('/').unwrap_or(path);
@@ -825,7 +843,14 @@ mod tests {
     fn locations() {
         assert_eq!(
             build_id_from_location("https://hydra.example.org/build/4"),
-            Some((4, Some("https://hydra.example.org".into())))
+            Some((
+                4,
+                Some(Origin {
+                    scheme: "https".into(),
+                    host: "hydra.example.org".into(),
+                    port: 443
+                })
+            ))
         );
         assert_eq!(
             build_id_from_location("/prefix/build/17?x=1"),

@@ -659,7 +659,7 @@ impl Pass {
     ) -> Result<String> {
         self.profile.switch_generation(generation)?;
         if let Some(failed) = failed_generation.filter(|g| *g != generation) {
-            self.profile.delete_generation(failed)?;
+            self.profile.delete_generations(&[failed])?;
         }
         state.deployed = previous.build_id.map(|build_id| Deployment {
             build_id,

@@ -61,6 +61,11 @@ impl ProfileName {
         escaped
     }
 
+    /// The name back from [`ProfileName::file_stem`].
+    pub fn from_file_stem(stem: &str) -> Option<Self> {
+        Self::parse(&stem.replace("%2F", "/")).ok()
+    }
+
     /// A flat file name for per-profile files in the state dir
     /// (`hail-profiles/web` → `hail-profiles%2Fweb`); '%' is not allowed in
     /// names, so this is reversible and collision-free.
@@ -90,10 +95,6 @@ impl Profile {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    pub fn activate_script(&self) -> PathBuf {
-        self.path.join("bin/activate")
     }
 
     /// Whether the profile exists (as a link; its target need not).
@@ -161,11 +162,6 @@ impl Profile {
                 self.path.display()
             )
         })
-    }
-
-    /// Deletes one generation that is not the current one.
-    pub fn delete_generation(&self, generation: u64) -> Result<()> {
-        self.delete_generations(&[generation])
     }
 
     /// Deletes generations that are not the current one.
@@ -308,6 +304,7 @@ mod tests {
     fn file_stem_is_flat() {
         let name = ProfileName::parse("hail-profiles/web").unwrap();
         assert_eq!(name.file_stem(), "hail-profiles%2Fweb");
+        assert_eq!(ProfileName::from_file_stem(&name.file_stem()), Some(name));
     }
 
     #[test]

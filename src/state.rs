@@ -159,7 +159,7 @@ impl StateDir {
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
                 let stem = name.strip_suffix(".json")?;
-                ProfileName::parse(&stem.replace("%2F", "/")).ok()
+                ProfileName::from_file_stem(stem)
             })
             .collect();
         names.sort();
