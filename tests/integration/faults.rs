@@ -79,11 +79,7 @@ fn table() -> Vec<(&'static str, i32, Inject)> {
             1,
             Box::new(|world: &World| {
                 publish_b(world, "");
-                let port = std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port();
+                let port = crate::common::free_port();
                 vec![
                     "--job-uri".into(),
                     format!("http://127.0.0.1:{port}/job/hail/main/{JOB}"),

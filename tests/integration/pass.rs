@@ -219,11 +219,7 @@ fn no_successful_build_reports_hydras_message() {
 #[test]
 fn hydra_down() {
     let world = World::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::common::free_port();
     let cmd = world.hail_with_job(&format!("http://127.0.0.1:{port}/job/hail/main/{JOB}"));
     let run = world.run(cmd);
     assert_exit(&run, 1);
@@ -656,11 +652,7 @@ impl TlsProxy {
             "-extfile",
             "san.ext",
         ]);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::common::free_port();
         let p = d.display();
         let conf = format!(
             "daemon off; master_process off; pid {p}/nginx.pid; error_log {p}/error.log;\nevents {{}}\n\

@@ -11,14 +11,14 @@
 //! the tests ask them over HTTP from here, as a client of the host would.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::container::Container;
-use crate::common::{Run, World, assert_exit};
+use crate::common::{World, assert_exit};
 
 /// `${hail}/bin/hail` in the profiles: where `install` puts the binary.
 const HAIL_PREFIX: &str = "/usr/local";
@@ -28,22 +28,10 @@ const PRE_SWITCH_LOG: &str = "/var/lib/hail-test/pre-switch";
 /// PATH for what the blue-green example runs, from the container's Debian.
 const DEBIAN_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A port nothing listens on now (the container shares the host's network).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// A Nix expression with `pkgs` (the stub builders) and `hailLib` (nix/lib with
 /// the hail that `install` puts in the container) in scope.
 fn nix_expr(body: &str) -> String {
-    let repo = repo();
+    let repo = crate::units::repo();
     format!(
         "let pkgs = import {}/tests/integration/common/stub-pkgs.nix {{ }}; \
          hailLib = import {}/nix/lib {{ hail = \"{HAIL_PREFIX}\"; }}; in {body}",
@@ -74,7 +62,7 @@ fn install(world: &World, instances: &[(&str, &str)]) -> Container {
     );
     for unit in ["hail@.service", "hail@.timer", "hail-activate@.service"] {
         container.install(
-            &repo().join("systemd").join(unit),
+            &crate::units::repo().join("systemd").join(unit),
             &format!("/etc/systemd/system/{unit}"),
             0o644,
         );
@@ -95,27 +83,11 @@ fn install(world: &World, instances: &[(&str, &str)]) -> Container {
     container
 }
 
-fn out(run: &Run) -> String {
-    run.stdout.trim().to_owned()
-}
-
-fn show(c: &Container, unit: &str, property: &str) -> String {
-    out(&c.systemctl(&["show", unit, "-p", property, "--value"]))
-}
-
-fn is_active(c: &Container, unit: &str) -> String {
-    out(&c.systemctl(&["is-active", unit]))
-}
-
-fn is_enabled(c: &Container, unit: &str) -> String {
-    out(&c.systemctl(&["is-enabled", unit]))
-}
-
 /// When the unit's current main process started, and its pid: equal before and
 /// after means it was not restarted.
 fn started(c: &Container, unit: &str) -> (String, String) {
-    let at = show(c, unit, "ExecMainStartTimestampMonotonic");
-    let pid = show(c, unit, "MainPID");
+    let at = c.show(unit, "ExecMainStartTimestampMonotonic");
+    let pid = c.show(unit, "MainPID");
     assert!(
         at != "0" && !at.is_empty() && pid != "0",
         "{unit} is not running: {:?}",
@@ -143,7 +115,7 @@ fn failing_pass(c: &Container, instance: &str) -> String {
     let run = c.systemctl(&["start", &unit]);
     let journal = c.journal(&unit);
     assert_ne!(run.code, Some(0), "the pass succeeded:\n{journal}");
-    assert_eq!(show(c, &unit, "ExecMainStatus"), "3", "{journal}");
+    assert_eq!(c.show(&unit, "ExecMainStatus"), "3", "{journal}");
     journal
 }
 
@@ -155,25 +127,18 @@ fn reactivate(c: &Container, instance: &str) {
 }
 
 fn profile_target(c: &Container, profile: &str) -> String {
-    out(&c.exec(&[
+    c.exec(&[
         "readlink",
         "-f",
         &format!("/nix/var/nix/profiles/{profile}"),
-    ]))
+    ])
+    .out()
 }
 
 /// A file in the container, read in there (/run is the container's own tmpfs).
 fn read(c: &Container, path: &str) -> Option<String> {
     let run = c.exec(&["cat", path]);
     (run.code == Some(0)).then_some(run.stdout)
-}
-
-fn lines(c: &Container, path: &str) -> Vec<String> {
-    c.read(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
 }
 
 /// `GET /` on 127.0.0.1:port over a new connection: the body, or why not.
@@ -220,7 +185,7 @@ fn assert_answers(port: u16, want: &str) {
 #[track_caller]
 fn wait_for_active(c: &Container, unit: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while is_active(c, unit) != "active" {
+    while c.is_active(unit) != "active" {
         assert!(
             Instant::now() < deadline,
             "{unit} is not active: {:?}\n{}",
@@ -260,7 +225,7 @@ fn service_profile_restarts_what_changed_and_rolls_back() {
     let world = World::new();
     let mut container = install(&world, &[("demo", "demo")]);
     container.boot();
-    let (web, side) = (free_port(), free_port());
+    let (web, side) = (crate::common::free_port(), crate::common::free_port());
     assert_exit(
         &container.systemctl(&["enable", "hail-activate@demo.service"]),
         0,
@@ -295,7 +260,7 @@ fn service_profile_restarts_what_changed_and_rolls_back() {
     assert_answers(web, "v1");
     assert_answers(side, "side");
     assert!(read(c, &format!("{UNIT_DIR}/demo-web.service")).is_some());
-    assert_eq!(lines(c, PRE_SWITCH_LOG), ["v1"]);
+    assert_eq!(c.lines(PRE_SWITCH_LOG), ["v1"]);
     let web_v1 = started(c, "demo-web.service");
     let side_v1 = started(c, "demo-side.service");
 
@@ -310,7 +275,7 @@ fn service_profile_restarts_what_changed_and_rolls_back() {
         journal.contains("service demo: installed [], changed [], removed []"),
         "{journal}"
     );
-    assert_eq!(lines(c, PRE_SWITCH_LOG), ["v1", "v1"]);
+    assert_eq!(c.lines(PRE_SWITCH_LOG), ["v1", "v1"]);
 
     // 3. A new build changing one unit restarts it, the other one stays up.
     let (_, v2) = publish(&world, "demo", &profile("v2", None, true, &log_pre("v2")));
@@ -368,7 +333,7 @@ fn service_profile_restarts_what_changed_and_rolls_back() {
         "the unchanged unit restarted"
     );
     assert_eq!(
-        lines(c, PRE_SWITCH_LOG),
+        c.lines(PRE_SWITCH_LOG),
         ["v1", "v1", "v2", "v2", "v3", "v2"]
     );
     let web_back = started(c, "demo-web.service");
@@ -390,7 +355,7 @@ fn service_profile_restarts_what_changed_and_rolls_back() {
     let (_, v5) = publish(&world, "demo", &profile("v2", None, false, &log_pre("v5")));
     pass(c, "demo");
     assert_eq!(profile_target(c, "demo"), v5);
-    assert_eq!(is_active(c, "demo-side.service"), "inactive");
+    assert_eq!(c.is_active("demo-side.service"), "inactive");
     assert!(read(c, &format!("{UNIT_DIR}/demo-side.service")).is_none());
     assert_refuses(side);
     assert_eq!(started(c, "demo-web.service"), web_back, "web restarted");
@@ -398,15 +363,15 @@ fn service_profile_restarts_what_changed_and_rolls_back() {
     // 7. After a reboot (/run is empty), hail-activate@demo puts the units back.
     container.restart();
     let c = &container;
-    assert_eq!(is_active(c, "hail-activate@demo.service"), "active");
+    assert_eq!(c.is_active("hail-activate@demo.service"), "active");
     assert_answers(web, "v2");
-    assert_eq!(is_active(c, "demo-web.service"), "active");
+    assert_eq!(c.is_active("demo-web.service"), "active");
 
     // 8. bin/deactivate stops and removes what activate installed.
     let run = c.exec(&["/nix/var/nix/profiles/demo/bin/deactivate"]);
     assert_exit(&run, 0);
     assert_refuses(web);
-    assert_eq!(is_active(c, "demo-web.service"), "inactive");
+    assert_eq!(c.is_active("demo-web.service"), "inactive");
     let left = c.exec(&["ls", "-A", UNIT_DIR]);
     assert!(
         !left.stdout.contains("demo-") && !left.stdout.contains(".hail-service-demo"),
@@ -424,7 +389,7 @@ fn manager_profile_adds_and_removes_instances() {
     let mut container = install(&world, &[("manager", "manager")]);
     container.boot();
     let c = &container;
-    let (web, api) = (free_port(), free_port());
+    let (web, api) = (crate::common::free_port(), crate::common::free_port());
 
     // The manager lists itself too, as README suggests, so that its own poll
     // period is managed (and its activation re-runs itself at once: see below).
@@ -460,15 +425,15 @@ fn manager_profile_adds_and_removes_instances() {
             "/etc/hail/{name}.env: {env:?}"
         );
         let timer = format!("hail@{name}.timer");
-        assert_eq!(is_enabled(c, &timer), "enabled");
-        assert_eq!(is_active(c, &timer), "active");
-        let triggers = show(c, &timer, "TimersMonotonic");
+        assert_eq!(c.is_enabled(&timer), "enabled");
+        assert_eq!(c.is_active(&timer), "active");
+        let triggers = c.show(&timer, "TimersMonotonic");
         assert!(
             triggers.contains("OnUnitInactiveUSec=1min") && triggers.contains("OnBootUSec=1min"),
             "{timer}: {triggers}"
         );
         assert_eq!(
-            is_enabled(c, &format!("hail-activate@{name}.service")),
+            c.is_enabled(&format!("hail-activate@{name}.service")),
             "enabled"
         );
     }
@@ -497,15 +462,15 @@ fn manager_profile_adds_and_removes_instances() {
     publish(&world, "manager", &manager(&["web"]));
     pass(c, "manager");
     assert_refuses(api);
-    assert_eq!(is_active(c, "api-http.service"), "inactive");
+    assert_eq!(c.is_active("api-http.service"), "inactive");
     assert!(read(c, &format!("{UNIT_DIR}/api-http.service")).is_none());
-    assert_eq!(is_active(c, "hail@api.timer"), "inactive");
-    assert_eq!(is_enabled(c, "hail@api.timer"), "disabled");
-    assert_eq!(is_enabled(c, "hail-activate@api.service"), "disabled");
+    assert_eq!(c.is_active("hail@api.timer"), "inactive");
+    assert_eq!(c.is_enabled("hail@api.timer"), "disabled");
+    assert_eq!(c.is_enabled("hail-activate@api.service"), "disabled");
     assert!(c.read("/etc/hail/api.env").is_none());
     let timers = c.systemctl(&["list-timers", "--all", "--no-legend"]);
     assert!(!timers.stdout.contains("hail@api"), "{timers:?}");
-    assert_eq!(is_active(c, "hail@web.timer"), "active");
+    assert_eq!(c.is_active("hail@web.timer"), "active");
     assert_answers(web, "web");
     assert_eq!(started(c, "web-http.service"), web_started, "web restarted");
 
@@ -513,7 +478,7 @@ fn manager_profile_adds_and_removes_instances() {
     // it was dropped) is activated again, although its pass finds it up to date.
     publish(&world, "manager", &manager(&["web", "api"]));
     pass(c, "manager");
-    assert_eq!(is_active(c, "hail@api.timer"), "active");
+    assert_eq!(c.is_active("hail@api.timer"), "active");
     assert_answers(api, "api");
     pass(c, "api");
     assert_answers(api, "api");
@@ -603,7 +568,11 @@ fn blue_green_switches_without_dropping_a_request() {
         0,
     );
     let c = &container;
-    let (proxy, blue, green) = (free_port(), free_port(), free_port());
+    let (proxy, blue, green) = (
+        crate::common::free_port(),
+        crate::common::free_port(),
+        crate::common::free_port(),
+    );
 
     // The example, as a Hydra job would build it; the app is a busybox httpd
     // serving its version, which a broken version cannot serve.
@@ -621,7 +590,7 @@ fn blue_green_switches_without_dropping_a_request() {
              healthCheck = port: \"busybox wget -q -O - http://127.0.0.1:${{toString port}}/ | grep -qx {version}\"; \
              ports = {{ proxy = {proxy}; blue = {blue}; green = {green}; }}; healthTimeout = 3; \
              nginx = \"/usr/sbin/nginx\"; path = \"{DEBIAN_PATH}\"; }}",
-            repo().display()
+            crate::units::repo().display()
         )
     };
 
@@ -631,8 +600,8 @@ fn blue_green_switches_without_dropping_a_request() {
     assert_eq!(profile_target(c, "demo"), v1);
     assert_answers(proxy, "v1");
     assert_answers(blue, "v1");
-    assert_eq!(is_active(c, "app@blue.service"), "active");
-    assert_eq!(is_active(c, "app@green.service"), "inactive");
+    assert_eq!(c.is_active("app@blue.service"), "active");
+    assert_eq!(c.is_active("app@green.service"), "inactive");
     let blue_v1 = started(c, "app@blue.service");
     let proxy_started = started(c, "app-proxy.service");
 
@@ -644,7 +613,7 @@ fn blue_green_switches_without_dropping_a_request() {
         proxy_started,
         "proxy restarted"
     );
-    assert_eq!(is_active(c, "app@green.service"), "inactive");
+    assert_eq!(c.is_active("app@green.service"), "inactive");
 
     // 3. The next version starts as green, traffic moves, blue stops: under a
     // request loop that never stops, not one request fails.
@@ -657,8 +626,8 @@ fn blue_green_switches_without_dropping_a_request() {
     assert_eq!(results.first(), Some(&Ok("v1".to_owned())));
     assert_eq!(results.last(), Some(&Ok("v2".to_owned())));
     assert_eq!(profile_target(c, "demo"), v2);
-    assert_eq!(is_active(c, "app@green.service"), "active");
-    assert_eq!(is_active(c, "app@blue.service"), "inactive");
+    assert_eq!(c.is_active("app@green.service"), "active");
+    assert_eq!(c.is_active("app@blue.service"), "inactive");
     assert_refuses(blue);
     assert_eq!(
         started(c, "app-proxy.service"),
@@ -686,7 +655,7 @@ fn blue_green_switches_without_dropping_a_request() {
     );
     assert_eq!(profile_target(c, "demo"), v2);
     assert_eq!(started(c, "app@green.service"), green_v2, "green restarted");
-    assert_eq!(is_active(c, "app@blue.service"), "inactive");
+    assert_eq!(c.is_active("app@blue.service"), "inactive");
     let activation = c.journal("hail-activation-demo.service");
     assert!(
         activation.contains("blue did not pass its health check"),
@@ -698,7 +667,7 @@ fn blue_green_switches_without_dropping_a_request() {
     assert_refuses(proxy);
     assert_refuses(green);
     for unit in ["app-proxy.service", "app@green.service", "app@blue.service"] {
-        assert_eq!(is_active(c, unit), "inactive", "{unit}");
+        assert_eq!(c.is_active(unit), "inactive", "{unit}");
         assert!(read(c, &format!("{UNIT_DIR}/{unit}")).is_none(), "{unit}");
     }
 

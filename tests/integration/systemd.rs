@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::container::Container;
 use crate::common::hydra::Fault;
-use crate::common::{JOB, Run, World, assert_exit};
+use crate::common::{JOB, World, assert_exit};
 
 const INSTANCE: &str = "demo";
 const PROFILE: &str = "/nix/var/nix/profiles/demo";
@@ -86,21 +86,9 @@ fn boot_and_enable(container: &mut Container) {
     assert_exit(&enable, 0);
 }
 
-fn out(run: &Run) -> String {
-    run.stdout.trim().to_owned()
-}
-
-fn show(container: &Container, unit: &str, property: &str) -> String {
-    out(&container.systemctl(&["show", unit, "-p", property, "--value"]))
-}
-
-fn is_active(container: &Container, unit: &str) -> String {
-    out(&container.systemctl(&["is-active", unit]))
-}
-
 /// Where the profile points, as `readlink -f` in the container says.
 fn profile_target(container: &Container) -> String {
-    out(&container.exec(&["readlink", "-f", PROFILE]))
+    container.exec(&["readlink", "-f", PROFILE]).out()
 }
 
 /// The profile's generation numbers, from `nix-env --list-generations`.
@@ -110,15 +98,6 @@ fn generations(container: &Container) -> Vec<u64> {
     run.stdout
         .lines()
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect()
-}
-
-fn lines(container: &Container, path: &str) -> Vec<String> {
-    container
-        .read(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
         .collect()
 }
 
@@ -158,9 +137,9 @@ fn timer_pass_failure_and_activation_at_boot() {
     let c = &container;
 
     // 1. The timer is active and has the next pass scheduled.
-    assert_eq!(is_active(c, TIMER), "active");
-    assert_eq!(out(&c.systemctl(&["is-enabled", TIMER])), "enabled");
-    let next = show(c, TIMER, "NextElapseUSecMonotonic");
+    assert_eq!(c.is_active(TIMER), "active");
+    assert_eq!(c.systemctl(&["is-enabled", TIMER]).out(), "enabled");
+    let next = c.show(TIMER, "NextElapseUSecMonotonic");
     assert!(
         !next.is_empty() && next != "infinity" && next != "0",
         "no next run scheduled: NextElapseUSecMonotonic={next:?}"
@@ -171,9 +150,9 @@ fn timer_pass_failure_and_activation_at_boot() {
     wait_for(
         Duration::from_secs(30),
         "the boot activation to finish",
-        || is_active(c, BOOT) != "activating",
+        || c.is_active(BOOT) != "activating",
     );
-    assert_eq!(is_active(c, BOOT), "active");
+    assert_eq!(c.is_active(BOOT), "active");
     journal_with(c, BOOT, "does not exist yet");
     assert!(
         c.read(ACTIVATIONS).is_none(),
@@ -187,10 +166,10 @@ fn timer_pass_failure_and_activation_at_boot() {
     assert_eq!(profile_target(c), path);
     assert_eq!(generations(c), [1]);
     assert_eq!(
-        lines(c, ACTIVATIONS),
+        c.lines(ACTIVATIONS),
         [format!("label=a build={id} store={path}")]
     );
-    assert_eq!(show(c, PASS, "Result"), "success");
+    assert_eq!(c.show(PASS, "Result"), "success");
     journal_with(c, PASS, &format!("deployed build {id}"));
     // Every record names the profile: `journalctl HAIL_PROFILE=demo` finds them.
     let by_profile = c.exec(&["journalctl", "--no-pager", "-o", "cat", "HAIL_PROFILE=demo"]);
@@ -205,7 +184,7 @@ fn timer_pass_failure_and_activation_at_boot() {
     journal_with(c, PASS, &format!("up to date: build {id}"));
     assert_eq!(profile_target(c), path);
     assert_eq!(generations(c), [1]);
-    assert_eq!(lines(c, ACTIVATIONS).len(), 1, "activate ran again");
+    assert_eq!(c.lines(ACTIVATIONS).len(), 1, "activate ran again");
 
     // 5. After a reboot, hail-activate@demo activated the profile again.
     container.restart();
@@ -213,17 +192,17 @@ fn timer_pass_failure_and_activation_at_boot() {
     wait_for(
         Duration::from_secs(30),
         "the boot activation to finish",
-        || !matches!(is_active(c, BOOT).as_str(), "activating" | "inactive"),
+        || !matches!(c.is_active(BOOT).as_str(), "activating" | "inactive"),
     );
-    assert_eq!(is_active(c, BOOT), "active");
+    assert_eq!(c.is_active(BOOT), "active");
     assert_eq!(
-        lines(c, ACTIVATIONS),
+        c.lines(ACTIVATIONS),
         [
             format!("label=a build={id} store={path}"),
             format!("label=a build= store={path}"),
         ]
     );
-    assert_eq!(is_active(c, TIMER), "active");
+    assert_eq!(c.is_active(TIMER), "active");
     assert_eq!(profile_target(c), path);
 
     // 4. A failing pass leaves the unit failed, with the reason in the journal.
@@ -234,12 +213,12 @@ fn timer_pass_failure_and_activation_at_boot() {
     );
     let pass = c.systemctl(&["start", PASS]);
     assert_ne!(pass.code, Some(0), "{pass:?}");
-    assert_eq!(out(&c.systemctl(&["is-failed", PASS])), "failed");
-    assert_eq!(show(c, PASS, "Result"), "exit-code");
+    assert_eq!(c.systemctl(&["is-failed", PASS]).out(), "failed");
+    assert_eq!(c.show(PASS, "Result"), "exit-code");
     journal_with(c, PASS, "unexpected answer from Hydra: 502");
     assert_eq!(profile_target(c), path);
     assert_eq!(generations(c), [1]);
-    assert_eq!(lines(c, ACTIVATIONS).len(), 2, "activate ran on a failure");
+    assert_eq!(c.lines(ACTIVATIONS).len(), 2, "activate ran on a failure");
 
     eprintln!("systemd scenario took {:.1?}", started.elapsed());
 }
@@ -252,7 +231,7 @@ fn wait_for_start(container: &Container, label: &str) -> String {
         Duration::from_secs(30),
         &format!("activate of {label} to start"),
         || {
-            pid = lines(container, STARTED).iter().find_map(|l| {
+            pid = container.lines(STARTED).iter().find_map(|l| {
                 l.strip_prefix("start ")?
                     .strip_suffix(&suffix)
                     .map(str::to_owned)
@@ -269,7 +248,7 @@ fn wait_for_done(container: &Container, pid: &str, label: &str) {
     wait_for(
         Duration::from_secs(30),
         &format!("the activate that was running ({line:?}) to finish; it was killed?"),
-        || lines(container, ACTIVATIONS).contains(&line),
+        || container.lines(ACTIVATIONS).contains(&line),
     );
 }
 
@@ -291,14 +270,14 @@ fn stopping_or_restarting_a_pass_does_not_kill_its_activation() {
     let pid = wait_for_start(c, "b");
     let stop = c.systemctl(&["stop", PASS]);
     assert_exit(&stop, 0);
-    let state = is_active(c, PASS);
+    let state = c.is_active(PASS);
     assert!(state == "inactive", "{PASS} is {state} after stop");
     wait_for_done(c, &pid, "b");
     assert_eq!(profile_target(c), b);
     assert_eq!(generations(c), [1, 2]);
     // The next pass finishes what the stopped one left: no new generation.
     assert_exit(&c.systemctl(&["start", PASS]), 0);
-    assert_eq!(show(c, PASS, "Result"), "success");
+    assert_eq!(c.show(PASS, "Result"), "success");
     assert_eq!(profile_target(c), b);
     assert_eq!(generations(c), [1, 2]);
 
@@ -315,8 +294,8 @@ fn stopping_or_restarting_a_pass_does_not_kill_its_activation() {
     );
     assert_eq!(generations(c), [1, 2, 3]);
     assert_exit(&restart, 0);
-    assert_eq!(show(c, PASS, "Result"), "success");
-    assert_ne!(out(&c.systemctl(&["is-failed", PASS])), "failed");
+    assert_eq!(c.show(PASS, "Result"), "success");
+    assert_ne!(c.systemctl(&["is-failed", PASS]).out(), "failed");
 
     eprintln!("safe-deploy scenario took {:.1?}", started.elapsed());
 }
@@ -336,12 +315,12 @@ fn systemctl_status_shows_what_a_pass_is_doing() {
         status.stdout.contains(&format!("activating build {id}")),
         "`systemctl status {PASS}` does not show the step (STATUS=) while activate runs; \
          StatusText={:?}\n{status:?}",
-        show(c, PASS, "StatusText")
+        c.show(PASS, "StatusText")
     );
     wait_for_done(c, &pid, "a");
     wait_for(Duration::from_secs(30), "the pass to end", || {
-        is_active(c, PASS) != "activating"
+        c.is_active(PASS) != "activating"
     });
-    assert_eq!(show(c, PASS, "Result"), "success");
+    assert_eq!(c.show(PASS, "Result"), "success");
     assert_eq!(profile_target(c), path);
 }

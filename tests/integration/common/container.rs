@@ -293,6 +293,32 @@ exec unshare --mount --propagation private -- sh -euc '
         self.exec(&all)
     }
 
+    /// `systemctl show UNIT -p PROPERTY --value`.
+    pub fn show(&self, unit: &str, property: &str) -> String {
+        self.systemctl(&["show", unit, "-p", property, "--value"])
+            .out()
+    }
+
+    /// `systemctl is-active UNIT`: active, inactive, failed, activating, …
+    pub fn is_active(&self, unit: &str) -> String {
+        self.systemctl(&["is-active", unit]).out()
+    }
+
+    /// `systemctl is-enabled UNIT`.
+    pub fn is_enabled(&self, unit: &str) -> String {
+        self.systemctl(&["is-enabled", unit]).out()
+    }
+
+    /// The lines of a file, read inside the container (so /run is its own
+    /// tmpfs); none if the file does not exist.
+    pub fn lines(&self, path: &str) -> Vec<String> {
+        let run = self.exec(&["cat", path]);
+        if run.code != Some(0) {
+            return Vec::new();
+        }
+        run.stdout.lines().map(str::to_owned).collect()
+    }
+
     /// `journalctl -u UNIT` in the container, messages only.
     pub fn journal(&self, unit: &str) -> String {
         self.exec(&["journalctl", "--no-pager", "-o", "cat", "-u", unit])

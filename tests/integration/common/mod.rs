@@ -53,6 +53,21 @@ impl std::fmt::Debug for Run {
     }
 }
 
+impl Run {
+    /// Standard output without surrounding white space.
+    pub fn out(&self) -> String {
+        self.stdout.trim().to_owned()
+    }
+}
+
+/// A port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 impl From<Output> for Run {
     fn from(output: Output) -> Self {
         Self {
