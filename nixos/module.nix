@@ -27,6 +27,15 @@ let
 
   hail = "${cfg.package}/bin/hail";
 
+  # On the PATH of every hail unit: nix-env, the same Nix as the system's, and
+  # systemd-run/journalctl, with which hail runs bin/activate in a transient unit.
+  # Drop-ins repeat it: NixOS writes a PATH= line into each, which replaces the
+  # template's.
+  hailPath = [
+    config.nix.package
+    config.systemd.package
+  ];
+
   # Quoting for one word of a systemd ExecStart= line. This is what nixpkgs'
   # `utils.escapeSystemdExecArg` does, inlined so the module needs no `utils` argument.
   # `lib.escapeShellArgs` is not enough: systemd does accept a whole word in single
@@ -447,10 +456,7 @@ in
           # nix-env, the same Nix as the system's; systemd-run and journalctl, with
           # which hail runs bin/activate in a transient unit of its own (NixOS puts
           # systemd on every service's path anyway; hail depends on it, so say so).
-          path = [
-            config.nix.package
-            config.systemd.package
-          ];
+          path = hailPath;
 
           # Overridden by every instance's drop-in; %I is the unescaped instance name.
           environment.HAIL_PROFILE = "%I";
@@ -517,10 +523,7 @@ in
           ];
           # A pass of the same instance started at boot waits for the activation.
           before = [ "hail@%i.service" ];
-          path = [
-            config.nix.package
-            config.systemd.package
-          ];
+          path = hailPath;
           environment.HAIL_PROFILE = "%I";
           # A switch must not re-run activations (the unit stays active after boot).
           restartIfChanged = false;
@@ -545,10 +548,7 @@ in
           # NixOS writes a PATH= line into every service it generates, drop-ins too,
           # made from the unit's `path` plus coreutils & co. Without this the drop-in's
           # PATH would replace the template's and lose nix-env.
-          path = [
-            config.nix.package
-            config.systemd.package
-          ];
+          path = hailPath;
           restartIfChanged = false;
           environment = {
             HAIL_PROFILE = instance.profile;
@@ -582,10 +582,7 @@ in
         name: instance:
         lib.nameValuePair "hail-activate@${name}" {
           overrideStrategy = "asDropin";
-          path = [
-            config.nix.package
-            config.systemd.package
-          ];
+          path = hailPath;
           restartIfChanged = false;
           environment = {
             HAIL_PROFILE = instance.profile;
