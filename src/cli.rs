@@ -164,7 +164,7 @@ pub struct PassArgs {
     pub profile: ProfileArgs,
 
     /// The Hydra job to follow: http(s)://HOST[:PORT][/PREFIX]/job/PROJECT/JOBSET/JOB.
-    #[arg(long, env = "HAIL_JOB_URI", value_name = "HYDRA_JOB_URI", value_parser = JobUri::parse, required = true)]
+    #[arg(long, env = "HAIL_JOB_URI", value_name = "HYDRA_JOB_URI", value_parser = JobUriParser, required = true)]
     pub job_uri: Option<JobUri>,
 
     /// netrc file with HTTP Basic credentials for the job URI's host (the
@@ -205,7 +205,7 @@ pub struct PassArgs {
 
     /// Deploy a build only once it has been finished this long (e.g. 30min,
     /// 2h, 1d; plain numbers are seconds): canary hosts at 0, the fleet later.
-    #[arg(long, env = "HAIL_MIN_BUILD_AGE", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, env = "HAIL_MIN_BUILD_AGE", value_name = "DURATION", value_parser = parse_build_age)]
     pub min_build_age: Option<Duration>,
 
     /// After a successful deploy, delete all but the newest N generations
@@ -248,12 +248,41 @@ pub struct ActivateArgs {
     pub profile: ProfileArgs,
 }
 
-fn parse_seconds(text: &str) -> Result<Duration, String> {
-    text.parse::<f64>()
+/// The longest a deadline may be: long enough for any real pass, short
+/// enough that deadline arithmetic never comes near overflowing.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// The longest `--min-build-age`.
+pub const MAX_BUILD_AGE: Duration = Duration::from_secs(366 * 86_400);
+
+/// A positive number of seconds, at most [`MAX_DEADLINE`].
+pub fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let secs = text
+        .trim()
+        .parse::<f64>()
         .ok()
         .filter(|secs| secs.is_finite() && *secs > 0.0)
-        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-        .ok_or_else(|| format!("{text:?} is not a positive number of seconds"))
+        .ok_or_else(|| format!("{text:?} is not a positive number of seconds"))?;
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| *d <= MAX_DEADLINE)
+        .ok_or_else(|| {
+            format!(
+                "{text} seconds is more than the limit of {} s (24 h)",
+                MAX_DEADLINE.as_secs()
+            )
+        })
+}
+
+/// `--min-build-age`: a duration of at most [`MAX_BUILD_AGE`].
+fn parse_build_age(text: &str) -> Result<Duration, String> {
+    let age = parse_duration(text)?;
+    if age > MAX_BUILD_AGE {
+        return Err(format!(
+            "{text:?} is more than the limit of {} days",
+            MAX_BUILD_AGE.as_secs() / 86_400
+        ));
+    }
+    Ok(age)
 }
 
 /// `90`, `90s`, `30min`, `2h`, `1d`, `1h30min`: systemd-style time spans.
@@ -293,6 +322,50 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         rest = after.trim_start();
     }
     Ok(Duration::from_secs(total))
+}
+
+/// Parses `--job-uri` without echoing the value, as clap's own errors do:
+/// a URI may carry a password.
+#[derive(Debug, Clone, Copy)]
+struct JobUriParser;
+
+impl clap::builder::TypedValueParser for JobUriParser {
+    type Value = JobUri;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<JobUri, clap::Error> {
+        let name = arg.map_or_else(|| "--job-uri".to_owned(), ToString::to_string);
+        let text = value.to_str().unwrap_or_default();
+        value
+            .to_str()
+            .ok_or_else(|| "it is not UTF-8".to_owned())
+            .and_then(JobUri::parse)
+            .map_err(|why| {
+                // Whatever the reason quotes, never the password.
+                let why = why.replace(text, &without_userinfo(text));
+                clap::Error::raw(
+                    clap::error::ErrorKind::ValueValidation,
+                    format!("invalid value for '{name}': {why}\n"),
+                )
+                .with_cmd(cmd)
+            })
+    }
+}
+
+/// `https://user:pw@host/…` → `https://***@host/…`.
+fn without_userinfo(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => uri.to_owned(),
+    }
 }
 
 fn parse_output(name: &str) -> Result<String, String> {
@@ -353,6 +426,16 @@ mod tests {
         for bad in ["", "x", "5 parsecs", "-1h", "h"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn userinfo_is_never_shown() {
+        assert_eq!(
+            without_userinfo("https://ci:s3cret@hydra/job/p/j/web"),
+            "https://***@hydra/job/p/j/web"
+        );
+        assert_eq!(without_userinfo("https://hydra/a@b"), "https://hydra/a@b");
+        assert_eq!(without_userinfo("not a uri"), "not a uri");
     }
 
     #[test]

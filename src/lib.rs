@@ -44,10 +44,16 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
+            let about = pass::failed_build(&err).map_or_else(Default::default, |(id, path)| {
+                report::About {
+                    build_id: id,
+                    store_path: Some(path),
+                }
+            });
             report::event(
                 log::Level::Error,
                 report::message_id::ERROR,
-                None,
+                about,
                 format_args!("{err:#}"),
             );
             let first_line = format!("{err:#}");

@@ -32,8 +32,12 @@ pub fn render(profile: &ProfileName, state: &State) -> String {
     );
     gauge(
         "hail_deployed_build_id",
-        "Hydra build id of the deployed build (0: none).",
-        state.deployed.as_ref().map_or(0, |d| d.build_id),
+        "Hydra build id of the deployed build (0: none, or not known).",
+        state
+            .deployed
+            .as_ref()
+            .and_then(|d| d.build_id)
+            .unwrap_or(0),
     );
     gauge(
         "hail_latest_build_id",

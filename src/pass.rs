@@ -13,10 +13,10 @@ use crate::activate::{self, Activation, ActivationFailure, Runner};
 use crate::hydra::{self, Build};
 use crate::metrics;
 use crate::profile::Profile;
-use crate::report::{self, message_id};
+use crate::report::{self, About, message_id};
 use crate::state::{
-    self, ActivationState, Check, Deployment, FailedBuild, Hold, LastError, Previous, State,
-    StateDir, Waiting,
+    self, ActivationState, Check, Deployment, FailedBuild, Hold, LastError, Previous, Rollback,
+    State, StateDir, Waiting,
 };
 use crate::store_path::{StoreDir, StorePath};
 
@@ -105,24 +105,46 @@ enum Plan {
     RefuseFailed(FailedBuild),
     /// An operator moved the profile away from this deployment.
     Hold(Deployment),
-    /// Newer, but younger than `--min-build-age`.
+    /// Newer, but younger than `--min-build-age`, or of unknown age
+    /// (`None`: Hydra gave no usable stoptime), which never deploys early.
     Wait {
-        eligible_at: u64,
+        eligible_at: Option<u64>,
     },
     Deploy,
 }
 
 /// An error that ends the pass with exit status 3: activation failed.
 #[derive(Debug)]
-pub struct ActivationFailed(pub String);
+pub struct ActivationFailed {
+    pub message: String,
+    /// The build that failed (id if known, store path), for the journal.
+    pub build: Option<(Option<u64>, String)>,
+}
+
+impl ActivationFailed {
+    fn of_build(build_id: u64, store_path: &str, message: String) -> anyhow::Error {
+        anyhow::Error::new(Self {
+            message,
+            build: Some((Some(build_id), store_path.to_owned())),
+        })
+    }
+}
 
 impl std::fmt::Display for ActivationFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
 impl std::error::Error for ActivationFailed {}
+
+/// The build an error is about, if it is a failed activation.
+pub fn failed_build(err: &anyhow::Error) -> Option<(Option<u64>, &str)> {
+    err.chain()
+        .find_map(|cause| cause.downcast_ref::<ActivationFailed>())
+        .and_then(|failed| failed.build.as_ref())
+        .map(|(id, path)| (*id, path.as_str()))
+}
 
 /// The exit status an error stands for.
 pub fn exit_status(err: &anyhow::Error) -> u8 {
@@ -143,7 +165,12 @@ impl Pass {
         let _lock = self.state.lock(&self.profile.name, self.lock_timeout)?;
         let mut state = self.state.load_for_update(&self.profile.name);
         let mut latest = None;
-        let result = self.decide(&mut state, &mut latest);
+        let result = match state.rolling_back.clone() {
+            // The profile may point at a build that failed: put it back
+            // first, whatever Hydra says (or whether it answers at all).
+            Some(rollback) => Err(self.finish_rollback(&mut state, &rollback)),
+            None => self.decide(&mut state, &mut latest),
+        };
         if !matches!(result, Ok(Outcome::Waiting)) {
             state.waiting = None;
         }
@@ -240,16 +267,17 @@ impl Pass {
             }
             Plan::Hold(deployed) => {
                 println!(
-                    "would hold: the profile was moved away from build {} that hail deployed; \
-                     a build newer than {} (or --force) deploys",
-                    deployed.build_id, deployed.build_id
+                    "would hold: the profile was moved away from {} that was deployed; \
+                     {} (or --force) deploys",
+                    deployed.describe(),
+                    what_ends_a_hold(&deployed)
                 );
                 Outcome::Held
             }
             Plan::Wait { eligible_at } => {
                 println!(
-                    "would wait: build {id} {path} becomes eligible at {} (--min-build-age)",
-                    report::utc(eligible_at)
+                    "would wait: build {id} {path} {} (--min-build-age)",
+                    eligibility(eligible_at)
                 );
                 Outcome::Waiting
             }
@@ -298,26 +326,36 @@ impl Pass {
                 && deployed.previous.as_ref().map(|p| p.store_path.as_str()) == current_str;
             let moved_by_hand =
                 !switch_never_happened && current_str != Some(deployed.store_path.as_str());
-            if moved_by_hand && build.id <= deployed.build_id {
+            // Held until Hydra offers a newer build than the one moved away
+            // from (for one hail did not deploy: another build than it).
+            let not_newer = match deployed.build_id {
+                Some(id) => build.id <= id,
+                None => deployed.store_path == latest,
+            };
+            if moved_by_hand && not_newer {
                 return Plan::Hold(deployed.clone());
             }
         }
-        if let Some(min_age) = self.min_build_age
-            && let Some(eligible_at) = build.stoptime.map(|t| t + min_age.as_secs())
-            && eligible_at > state::now()
-        {
-            return Plan::Wait { eligible_at };
+        if let Some(min_age) = self.min_build_age {
+            // Fails closed: an unknown (or absurd) stoptime is not old enough.
+            let eligible_at = build
+                .stoptime
+                .and_then(|t| t.checked_add(min_age.as_secs()));
+            if eligible_at.is_none_or(|at| at > state::now()) {
+                return Plan::Wait { eligible_at };
+            }
         }
         Plan::Deploy
     }
 
     fn decide(&self, state: &mut State, latest: &mut Option<u64>) -> Result<Outcome> {
+        let current = self.profile.current_target(&self.store)?;
+        self.reconcile(state, current.as_ref());
         report::status(&format!("asking Hydra for {}", self.hydra.job()));
         self.step.set(Step::Hydra);
         let build = self.hydra.latest_build()?;
         *latest = Some(build.id);
         self.step.set(Step::State);
-        let current = self.profile.current_target(&self.store)?;
         let current_str = current.as_ref().map(StorePath::as_str);
         let plan = self.plan(state, &build, current.as_ref());
         if !matches!(plan, Plan::Hold(_)) {
@@ -328,7 +366,7 @@ impl Pass {
                 report::event(
                     Level::Warn,
                     message_id::ACTIVATION_FAILED,
-                    Some((build.id, build.out_path.as_str())),
+                    About::build(build.id, build.out_path.as_str()),
                     format_args!(
                         "the activation of build {} was interrupted; running it again",
                         build.id
@@ -340,48 +378,63 @@ impl Pass {
                 report::event(
                     Level::Info,
                     message_id::UP_TO_DATE,
-                    Some((build.id, build.out_path.as_str())),
+                    About::build(build.id, build.out_path.as_str()),
                     format_args!("up to date: build {} ({})", build.id, build.out_path),
                 );
                 report::status(&format!("up to date: build {}", build.id));
-                if state.deployed.as_ref().map(|d| d.store_path.as_str()) != current_str {
-                    // Deployed by someone else (or hail's state was lost): adopt it.
-                    state.deployed = Some(self.deployment(&build, ActivationState::Done, None));
+                let known = state.deployed.as_ref().is_some_and(|d| {
+                    d.store_path == build.out_path.as_str() && d.build_id.is_some()
+                });
+                if !known {
+                    // Deployed by someone else (or hail's state was lost): adopt
+                    // it, keeping when it was deployed if the record knows.
+                    let at = state
+                        .deployed
+                        .as_ref()
+                        .filter(|d| d.store_path == build.out_path.as_str())
+                        .map(|d| d.at);
+                    let mut adopted = self.deployment(&build, ActivationState::Done, None);
+                    adopted.at = at.unwrap_or(adopted.at);
+                    state.deployed = Some(adopted);
                 }
                 state.failed = None;
                 Ok(Outcome::UpToDate)
             }
             Plan::RefuseFailed(failed) => {
                 report::status(&format!("build {} failed before; not retrying", build.id));
-                Err(anyhow::Error::new(ActivationFailed(format!(
-                    "build {} ({}) failed to activate {} ago ({}); it stays rolled back while it is \
-                     Hydra's latest. A newer build deploys as usual; `--retry-failed` tries this one again",
+                Err(ActivationFailed::of_build(
                     build.id,
-                    build.out_path,
-                    ago(failed.at),
-                    failed.reason
-                ))))
+                    build.out_path.as_str(),
+                    format!(
+                        "build {} ({}) failed to activate {} ago ({}); it stays rolled back while \
+                         it is Hydra's latest. A newer build deploys as usual; `--retry-failed` \
+                         tries this one again",
+                        build.id,
+                        build.out_path,
+                        ago(failed.at),
+                        failed.reason
+                    ),
+                ))
             }
             Plan::Hold(deployed) => {
+                let moved_from = deployed.describe();
                 report::event(
                     Level::Warn,
                     message_id::HELD,
-                    Some((deployed.build_id, deployed.store_path.as_str())),
+                    About {
+                        build_id: deployed.build_id,
+                        store_path: Some(&deployed.store_path),
+                    },
                     format_args!(
-                        "holding: profile {} points to {} instead of build {} ({}) that hail deployed; \
+                        "holding: profile {} points to {} instead of {moved_from} that was deployed; \
                          someone rolled it back or switched generations. hail deploys again when Hydra \
-                         has a build newer than {} (or run it with --force)",
+                         has {} (or run it with --force)",
                         self.profile.path().display(),
                         current_str.unwrap_or("nothing"),
-                        deployed.build_id,
-                        deployed.store_path,
-                        deployed.build_id
+                        what_ends_a_hold(&deployed),
                     ),
                 );
-                report::status(&format!(
-                    "holding: build {} was rolled back by hand",
-                    deployed.build_id
-                ));
+                report::status(&format!("holding: {moved_from} was rolled back by hand"));
                 let since = state.held.as_ref().map_or_else(state::now, |h| h.since);
                 state.held = Some(Hold {
                     build_id: deployed.build_id,
@@ -391,22 +444,28 @@ impl Pass {
                 Ok(Outcome::Held)
             }
             Plan::Wait { eligible_at } => {
+                let age = match build.stoptime {
+                    Some(stoptime) if eligible_at.is_some() => {
+                        format!("finished {} ago", ago(stoptime))
+                    }
+                    _ => {
+                        "has no usable stoptime in Hydra's answer, so its age is unknown".to_owned()
+                    }
+                };
                 report::event(
                     Level::Info,
                     message_id::HELD,
-                    Some((build.id, build.out_path.as_str())),
+                    About::build(build.id, build.out_path.as_str()),
                     format_args!(
-                        "build {} finished {} ago; it becomes eligible at {} (--min-build-age); \
-                         the current deployment stays",
+                        "build {} {age}; it {} (--min-build-age); the current deployment stays",
                         build.id,
-                        ago(build.stoptime.unwrap_or_default()),
-                        report::utc(eligible_at)
+                        eligibility(eligible_at)
                     ),
                 );
                 report::status(&format!(
-                    "waiting: build {} eligible at {}",
+                    "waiting: build {} {}",
                     build.id,
-                    report::utc(eligible_at)
+                    eligibility(eligible_at)
                 ));
                 state.waiting = Some(Waiting {
                     build_id: build.id,
@@ -419,6 +478,53 @@ impl Pass {
         }
     }
 
+    /// Makes the record agree with the profile when the state does not say
+    /// what it points at (a first pass, or lost or corrupt state): the
+    /// profile's generation is adopted as deployed, or, when a newer
+    /// generation exists (someone rolled back), the newest one, which the
+    /// hold then protects from being deployed again.
+    fn reconcile(&self, state: &mut State, current: Option<&StorePath>) {
+        let Some(current) = current else { return };
+        if state.deployed.is_some() {
+            return;
+        }
+        let current_generation = self.profile.current_generation();
+        let newest = self
+            .profile
+            .generations()
+            .map_err(|err| log::warn!("{err:#}"))
+            .ok()
+            .and_then(|generations| generations.last().copied());
+        let rolled_back_from = newest
+            .filter(|newest| current_generation.is_some_and(|c| c < *newest))
+            .and_then(|newest| {
+                Some((newest, self.profile.generation_target(newest, &self.store)?))
+            });
+        let (generation, store_path) = match rolled_back_from {
+            Some((newest, path)) => {
+                log::warn!(
+                    "hail has no record of profile {}; it is at generation {} while generation \
+                     {newest} ({path}) is newer: treating that as rolled back by hand",
+                    self.profile.path().display(),
+                    current_generation.unwrap_or_default()
+                );
+                (Some(newest), path.to_string())
+            }
+            None => (current_generation, current.to_string()),
+        };
+        state.deployed = Some(Deployment {
+            build_id: None,
+            at: generation
+                .and_then(|g| self.profile.generation_time(g))
+                .unwrap_or_else(state::now),
+            store_path,
+            generation,
+            job: self.hydra.job().to_string(),
+            activation: ActivationState::Done,
+            previous: None,
+        });
+    }
+
     fn deployment(
         &self,
         build: &Build,
@@ -426,7 +532,7 @@ impl Pass {
         previous: Option<Previous>,
     ) -> Deployment {
         Deployment {
-            build_id: build.id,
+            build_id: Some(build.id),
             store_path: build.out_path.to_string(),
             generation: self.profile.current_generation(),
             job: self.hydra.job().to_string(),
@@ -442,7 +548,12 @@ impl Pass {
         build: &Build,
         current: Option<StorePath>,
     ) -> Result<Outcome> {
-        log::info!("deploying build {} ({})", build.id, build.out_path);
+        report::event(
+            Level::Info,
+            message_id::DEPLOYING,
+            About::build(build.id, build.out_path.as_str()),
+            format_args!("deploying build {} ({})", build.id, build.out_path),
+        );
         self.step.set(Step::State);
         let previous = current.map(|path| {
             let same = state
@@ -450,7 +561,7 @@ impl Pass {
                 .as_ref()
                 .filter(|d| d.store_path == path.as_str());
             Previous {
-                build_id: same.map(|d| d.build_id),
+                build_id: same.and_then(|d| d.build_id),
                 at: same.map(|d| d.at),
                 store_path: path.to_string(),
                 generation: self.profile.current_generation(),
@@ -512,24 +623,17 @@ impl Pass {
     fn activate(&self, state: &mut State, build: &Build) -> Result<()> {
         report::status(&format!("activating build {}", build.id));
         self.step.set(Step::Activation);
-        let id = build.id.to_string();
         let previous = state
             .deployed
             .as_ref()
             .and_then(|d| d.previous.as_ref())
             .map(|p| p.store_path.clone())
             .unwrap_or_default();
-        let env = [
-            ("HAIL_PROFILE", self.profile.name.as_str()),
-            ("HAIL_BUILD_ID", id.as_str()),
-            ("HAIL_STORE_PATH", build.out_path.as_str()),
-            ("HAIL_PREVIOUS_STORE_PATH", previous.as_str()),
-        ];
-        let activation = activate::run(
-            self.profile.path(),
-            &self.runner,
-            &env,
-            self.activate_timeout,
+        let activation = self.run_script(
+            "bin/activate",
+            Some(build.id),
+            build.out_path.as_str(),
+            &previous,
         )?;
         match activation {
             Activation::Succeeded | Activation::NoScript => {
@@ -543,7 +647,7 @@ impl Pass {
                 report::event(
                     level,
                     message_id::DEPLOYED,
-                    Some((build.id, build.out_path.as_str())),
+                    About::build(build.id, build.out_path.as_str()),
                     format_args!("deployed build {} ({}){note}", build.id, build.out_path),
                 );
                 if let Some(deployed) = &mut state.deployed {
@@ -573,7 +677,7 @@ impl Pass {
         report::event(
             Level::Warn,
             message_id::ACTIVATION_FAILED,
-            Some((build.id, build.out_path.as_str())),
+            About::build(build.id, build.out_path.as_str()),
             format_args!(
                 "activation of build {} ({}) {}; rolling back",
                 build.id, build.out_path, failure.how
@@ -587,63 +691,121 @@ impl Pass {
             reason: format!("activate {}", failure.how),
         });
         let deployed = state.deployed.take();
-        // The profile is at the failed build's generation until we switch back.
-        let failed_generation = deployed
-            .as_ref()
-            .and_then(|d| d.generation)
-            .or_else(|| self.profile.current_generation());
-        let previous = deployed.and_then(|d| d.previous);
-
-        let outcome = match previous.as_ref().and_then(|p| p.generation.map(|g| (p, g))) {
-            Some((previous, generation)) => {
-                self.restore(state, build, previous, generation, failed_generation)
-            }
-            None => self.remove_profile(build, failed_generation),
+        let rollback = Rollback {
+            build_id: build.id,
+            store_path: build.out_path.to_string(),
+            // The profile is at the failed build's generation until we switch back.
+            generation: deployed
+                .as_ref()
+                .and_then(|d| d.generation)
+                .or_else(|| self.profile.current_generation()),
+            previous: deployed.and_then(|d| d.previous),
         };
-        let outcome = outcome.unwrap_or_else(|err| format!("ROLLING BACK FAILED TOO: {err:#}"));
+        state.rolling_back = Some(rollback.clone());
+        // On disk before the profile moves: a pass killed from here on is
+        // finished by the next one, and the failed build is not retried.
+        if let Err(err) = self.state.save(&self.profile.name, state) {
+            log::warn!("{err:#}");
+        }
+        let outcome = self.complete_rollback(state, &rollback);
+        ActivationFailed::of_build(
+            build.id,
+            build.out_path.as_str(),
+            format!(
+                "build {} ({}) failed to activate: activate {}; {outcome}{}",
+                build.id,
+                build.out_path,
+                failure.how,
+                failure
+                    .stderr_tail
+                    .map(|t| format!("\nlast lines of its stderr:\n{t}"))
+                    .unwrap_or_default()
+            ),
+        )
+    }
+
+    /// A pass was killed while it rolled back: finish the rollback before
+    /// anything else, and end with exit status 3 as that pass would have.
+    fn finish_rollback(&self, state: &mut State, rollback: &Rollback) -> anyhow::Error {
+        report::event(
+            Level::Warn,
+            message_id::ACTIVATION_FAILED,
+            About::build(rollback.build_id, &rollback.store_path),
+            format_args!(
+                "the rollback from build {} ({}), whose activation failed, was interrupted; \
+                 finishing it",
+                rollback.build_id, rollback.store_path
+            ),
+        );
+        let outcome = self.complete_rollback(state, rollback);
+        ActivationFailed::of_build(
+            rollback.build_id,
+            &rollback.store_path,
+            format!(
+                "build {} ({}) failed to activate and the rollback was interrupted; {outcome}",
+                rollback.build_id, rollback.store_path
+            ),
+        )
+    }
+
+    /// Switches back (or removes the profile) and re-activates; what it did,
+    /// for messages. The rollback stays recorded if it fails, so that the
+    /// next pass tries again.
+    fn complete_rollback(&self, state: &mut State, rollback: &Rollback) -> String {
+        let previous = rollback
+            .previous
+            .as_ref()
+            .and_then(|p| p.generation.map(|g| (p, g)));
+        let outcome = match previous {
+            Some((previous, generation)) => self.restore(state, rollback, previous, generation),
+            None => self.remove_profile(state, rollback),
+        };
+        let outcome = match outcome {
+            Ok(outcome) => {
+                state.rolling_back = None;
+                outcome
+            }
+            Err(err) => format!(
+                "ROLLING BACK FAILED TOO: {err:#}; the next pass tries again (see `hail status`)"
+            ),
+        };
         report::event(
             Level::Warn,
             message_id::ROLLED_BACK,
-            Some((build.id, build.out_path.as_str())),
-            format_args!("build {}: {outcome}", build.id),
+            About::build(rollback.build_id, &rollback.store_path),
+            format_args!("build {}: {outcome}", rollback.build_id),
         );
         report::status(&format!(
             "activation of build {} failed; {outcome}",
-            build.id
+            rollback.build_id
         ));
-        anyhow::Error::new(ActivationFailed(format!(
-            "build {} ({}) failed to activate: activate {}; {outcome}{}",
-            build.id,
-            build.out_path,
-            failure.how,
-            failure
-                .stderr_tail
-                .map(|t| format!("\nlast lines of its stderr:\n{t}"))
-                .unwrap_or_default()
-        )))
+        outcome
     }
 
     /// A first deploy failed: undo what its activate did (with its own
     /// `bin/deactivate`, if it has one) and remove the profile, so that
     /// nothing half-activated comes back at boot.
-    fn remove_profile(&self, build: &Build, generation: Option<u64>) -> Result<String> {
-        let id = build.id.to_string();
-        let env = [
-            ("HAIL_PROFILE", self.profile.name.as_str()),
-            ("HAIL_BUILD_ID", id.as_str()),
-            ("HAIL_STORE_PATH", build.out_path.as_str()),
-        ];
-        let deactivate = build.out_path.as_path().join("bin/deactivate");
+    fn remove_profile(&self, state: &mut State, rollback: &Rollback) -> Result<String> {
+        let failed = self
+            .store
+            .parse(&rollback.store_path)
+            .map_err(|why| anyhow::anyhow!("the failed build's store path: {why}"))?;
+        let deactivate = failed.as_path().join("bin/deactivate");
         let undone =
-            match activate::run_script(&deactivate, &self.runner, &env, self.activate_timeout)? {
+            match self.run_script_at(&deactivate, Some(rollback.build_id), failed.as_str(), "")? {
                 Activation::NoScript => "",
                 Activation::Succeeded => "ran its bin/deactivate and ",
                 Activation::Failed(failure) => {
-                    log::warn!("bin/deactivate of build {} {}", build.id, failure.how);
+                    log::warn!(
+                        "bin/deactivate of build {} {}",
+                        rollback.build_id,
+                        failure.how
+                    );
                     "its bin/deactivate failed; "
                 }
             };
-        self.profile.remove(generation)?;
+        self.profile.remove(rollback.generation)?;
+        state.deployed = None;
         Ok(format!(
             "{undone}removed the profile (there was no previous generation)"
         ))
@@ -652,17 +814,20 @@ impl Pass {
     fn restore(
         &self,
         state: &mut State,
-        build: &Build,
+        rollback: &Rollback,
         previous: &Previous,
         generation: u64,
-        failed_generation: Option<u64>,
     ) -> Result<String> {
-        self.profile.switch_generation(generation)?;
-        if let Some(failed) = failed_generation.filter(|g| *g != generation) {
+        if self.profile.current_generation() != Some(generation) {
+            self.profile.switch_generation(generation)?;
+        }
+        if let Some(failed) = rollback.generation.filter(|g| *g != generation)
+            && self.profile.generations()?.contains(&failed)
+        {
             self.profile.delete_generations(&[failed])?;
         }
-        state.deployed = previous.build_id.map(|build_id| Deployment {
-            build_id,
+        state.deployed = Some(Deployment {
+            build_id: previous.build_id,
             store_path: previous.store_path.clone(),
             generation: Some(generation),
             job: self.hydra.job().to_string(),
@@ -670,26 +835,17 @@ impl Pass {
             activation: ActivationState::Done,
             previous: None,
         });
-        let id = previous
-            .build_id
-            .map(|id| id.to_string())
-            .unwrap_or_default();
-        let env = [
-            ("HAIL_PROFILE", self.profile.name.as_str()),
-            ("HAIL_BUILD_ID", id.as_str()),
-            ("HAIL_STORE_PATH", previous.store_path.as_str()),
-            ("HAIL_PREVIOUS_STORE_PATH", build.out_path.as_str()),
-        ];
         let back = format!(
             "rolled back to generation {generation} ({})",
             previous.store_path
         );
-        match activate::run(
-            self.profile.path(),
-            &self.runner,
-            &env,
-            self.activate_timeout,
-        )? {
+        let activation = self.run_script(
+            "bin/activate",
+            previous.build_id,
+            &previous.store_path,
+            &rollback.store_path,
+        )?;
+        match activation {
             Activation::Succeeded | Activation::NoScript => {
                 Ok(format!("{back} and re-activated it"))
             }
@@ -698,6 +854,40 @@ impl Pass {
                 again.how
             )),
         }
+    }
+
+    /// Runs the profile's `script` (relative to the profile) with the
+    /// environment every script hail runs sees.
+    fn run_script(
+        &self,
+        script: &str,
+        build_id: Option<u64>,
+        store_path: &str,
+        previous: &str,
+    ) -> Result<Activation> {
+        self.run_script_at(
+            &self.profile.path().join(script),
+            build_id,
+            store_path,
+            previous,
+        )
+    }
+
+    fn run_script_at(
+        &self,
+        script: &std::path::Path,
+        build_id: Option<u64>,
+        store_path: &str,
+        previous: &str,
+    ) -> Result<Activation> {
+        let id = build_id.map(|id| id.to_string()).unwrap_or_default();
+        let env = [
+            ("HAIL_PROFILE", self.profile.name.as_str()),
+            ("HAIL_BUILD_ID", id.as_str()),
+            ("HAIL_STORE_PATH", store_path),
+            ("HAIL_PREVIOUS_STORE_PATH", previous),
+        ];
+        activate::run_script(script, &self.runner, &env, self.activate_timeout)
     }
 }
 
@@ -729,14 +919,33 @@ pub fn activate_existing(
             log::warn!("{current} has no bin/activate: nothing to activate");
             Ok(())
         }
-        Activation::Failed(failure) => Err(anyhow::Error::new(ActivationFailed(format!(
-            "activation of {current} {}{}",
-            failure.how,
-            failure
-                .stderr_tail
-                .map(|t| format!("\nlast lines of its stderr:\n{t}"))
-                .unwrap_or_default()
-        )))),
+        Activation::Failed(failure) => Err(anyhow::Error::new(ActivationFailed {
+            message: format!(
+                "activation of {current} {}{}",
+                failure.how,
+                failure
+                    .stderr_tail
+                    .map(|t| format!("\nlast lines of its stderr:\n{t}"))
+                    .unwrap_or_default()
+            ),
+            build: Some((None, current.to_string())),
+        })),
+    }
+}
+
+/// What Hydra must offer for a hold to end, for messages.
+fn what_ends_a_hold(deployed: &Deployment) -> String {
+    match deployed.build_id {
+        Some(id) => format!("a build newer than {id}"),
+        None => "another build".to_owned(),
+    }
+}
+
+/// When a waiting build may deploy, for messages.
+fn eligibility(eligible_at: Option<u64>) -> String {
+    match eligible_at {
+        Some(at) => format!("becomes eligible at {}", report::utc(at)),
+        None => "is not deployed while its age is unknown".to_owned(),
     }
 }
 

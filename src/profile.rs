@@ -195,6 +195,25 @@ impl Profile {
         Ok(())
     }
 
+    /// The store path generation `generation` points at, if it is one.
+    pub fn generation_target(&self, generation: u64, store: &StoreDir) -> Option<StorePath> {
+        let target = self.generation_link(generation).read_link().ok()?;
+        store.parse(&target.to_string_lossy()).ok()
+    }
+
+    /// When generation `generation` was made (Unix time of its link).
+    pub fn generation_time(&self, generation: u64) -> Option<u64> {
+        let made = self
+            .generation_link(generation)
+            .symlink_metadata()
+            .ok()?
+            .modified()
+            .ok()?;
+        made.duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs())
+    }
+
     fn generation_link(&self, generation: u64) -> PathBuf {
         let base = self
             .path

@@ -77,6 +77,8 @@ pub fn status(what: &str) {
 /// Journal `MESSAGE_ID`s, one per kind of event, so that
 /// `journalctl MESSAGE_ID=…` finds every such event on a host.
 pub mod message_id {
+    /// hail starts deploying a build (realise, switch, activate).
+    pub const DEPLOYING: &str = "657c27ae229f4b18a640c11d7ba911db";
     /// A build was deployed and activated.
     pub const DEPLOYED: &str = "251f8a6c551b4b19b4be55e60031ffc1";
     /// The profile already was at Hydra's latest build.
@@ -118,18 +120,46 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-/// Logs one event with its `MESSAGE_ID` and, when it concerns a build,
-/// `HAIL_BUILD_ID` and `HAIL_STORE_PATH` journal fields.
-pub fn event(level: Level, id: &str, build: Option<(u64, &str)>, message: std::fmt::Arguments<'_>) {
-    match build {
-        Some((build_id, store_path)) => log::log!(
+/// The build a journal record is about: `HAIL_BUILD_ID` (when known) and
+/// `HAIL_STORE_PATH` fields.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct About<'a> {
+    pub build_id: Option<u64>,
+    pub store_path: Option<&'a str>,
+}
+
+impl<'a> About<'a> {
+    pub fn build(build_id: u64, store_path: &'a str) -> Self {
+        Self {
+            build_id: Some(build_id),
+            store_path: Some(store_path),
+        }
+    }
+}
+
+/// Logs one event with its `MESSAGE_ID` and the fields of the build it is about.
+pub fn event(level: Level, id: &str, about: About<'_>, message: std::fmt::Arguments<'_>) {
+    match (about.build_id, about.store_path) {
+        (Some(build_id), Some(store_path)) => log::log!(
             level,
             message_id = id,
             hail_build_id = build_id,
             hail_store_path = store_path;
             "{message}"
         ),
-        None => log::log!(level, message_id = id; "{message}"),
+        (None, Some(store_path)) => log::log!(
+            level,
+            message_id = id,
+            hail_store_path = store_path;
+            "{message}"
+        ),
+        (Some(build_id), None) => log::log!(
+            level,
+            message_id = id,
+            hail_build_id = build_id;
+            "{message}"
+        ),
+        (None, None) => log::log!(level, message_id = id; "{message}"),
     }
 }
 

@@ -206,6 +206,10 @@ pub struct State {
     pub held: Option<Hold>,
     /// A newer build that is not old enough yet (`--min-build-age`).
     pub waiting: Option<Waiting>,
+    /// A rollback under way: saved before the profile is switched back and
+    /// cleared when it is done, so that the next pass finishes one that was
+    /// interrupted.
+    pub rolling_back: Option<Rollback>,
     pub last_check: Option<Check>,
     pub last_error: Option<LastError>,
     /// When the last pass that deployed or found the profile up to date ended.
@@ -226,13 +230,16 @@ pub struct Counters {
 pub struct Waiting {
     pub build_id: u64,
     pub store_path: String,
-    /// When the build becomes old enough to deploy.
-    pub eligible_at: u64,
+    /// When the build becomes old enough to deploy; `None` while its age
+    /// is unknown (Hydra gave no usable stoptime).
+    pub eligible_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Deployment {
-    pub build_id: u64,
+    /// Hydra's build id; `None` for a profile hail found rather than
+    /// deployed (its first pass, or after its state was lost).
+    pub build_id: Option<u64>,
     pub store_path: String,
     pub generation: Option<u64>,
     pub job: String,
@@ -271,9 +278,33 @@ pub struct FailedBuild {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// The build whose activation failed.
+    pub build_id: u64,
+    pub store_path: String,
+    /// Its generation, deleted once the profile is back.
+    pub generation: Option<u64>,
+    /// What to go back to; `None`: the profile is removed.
+    pub previous: Option<Previous>,
+}
+
+impl Deployment {
+    /// "build 4 (…-web)", or "generation 3 (…-web)" when the build is unknown.
+    pub fn describe(&self) -> String {
+        let name = self.store_path.rsplit('/').next().unwrap_or_default();
+        let name = name.split_once('-').map_or(name, |(_, n)| n);
+        match (self.build_id, self.generation) {
+            (Some(id), _) => format!("build {id} ({name})"),
+            (None, Some(generation)) => format!("generation {generation} ({name})"),
+            (None, None) => format!("an unknown build ({name})"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hold {
     /// The build hail deployed and the operator moved away from.
-    pub build_id: u64,
+    pub build_id: Option<u64>,
     /// Where the profile points instead.
     pub profile_target: Option<String>,
     pub since: u64,

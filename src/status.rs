@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::profile::ProfileName;
 use crate::report::utc;
-use crate::state::{ActivationState, State, StateDir};
+use crate::state::{ActivationState, Deployment, State, StateDir};
 
 /// The JSON document's format version; bumped only on incompatible changes.
 const JSON_VERSION: u32 = 1;
@@ -67,11 +67,7 @@ fn table(rows: &[(ProfileName, State)], states: &StateDir) -> String {
         let check = state.last_check.as_ref();
         lines.push([
             name.to_string(),
-            deployed.map_or("-".into(), |d| {
-                let name = d.store_path.rsplit('/').next().unwrap_or_default();
-                let name = name.split_once('-').map_or(name, |(_, n)| n);
-                format!("build {} ({name})", d.build_id)
-            }),
+            deployed.map_or("-".into(), Deployment::describe),
             deployed.map_or("-".into(), |d| utc(d.at)),
             check.map_or("never".into(), |c| utc(c.at)),
             check.map_or("-".into(), |c| c.result.clone()),
@@ -108,13 +104,22 @@ fn notes(state: &State) -> String {
     if let Some(d) = &state.deployed
         && d.activation == ActivationState::Pending
     {
-        notes.push(format!("activation of build {} pending", d.build_id));
+        notes.push(format!("activation of {} pending", d.describe()));
+    }
+    if let Some(rollback) = &state.rolling_back {
+        notes.push(format!(
+            "rollback from build {} interrupted; the next pass finishes it",
+            rollback.build_id
+        ));
     }
     if let Some(held) = &state.held {
         notes.push(format!(
-            "held since {}: build {} was rolled back by hand",
+            "held since {}: {} was rolled back by hand",
             utc(held.since),
             held.build_id
+                .map_or("the newest generation".to_owned(), |id| format!(
+                    "build {id}"
+                ))
         ));
     }
     if let Some(failed) = &state.failed {
@@ -126,11 +131,10 @@ fn notes(state: &State) -> String {
         ));
     }
     if let Some(waiting) = &state.waiting {
-        notes.push(format!(
-            "build {} eligible at {}",
-            waiting.build_id,
-            utc(waiting.eligible_at)
-        ));
+        notes.push(match waiting.eligible_at {
+            Some(at) => format!("build {} eligible at {}", waiting.build_id, utc(at)),
+            None => format!("build {} waits: its age is unknown", waiting.build_id),
+        });
     }
     if let Some(check) = &state.last_check
         && let Some(error) = &state.last_error

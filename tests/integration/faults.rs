@@ -629,3 +629,153 @@ fn corrupt_state_file_is_reported_not_fatal() {
     assert_eq!(world.profile_target().as_deref(), Some(b.as_str()));
     assert_eq!(state(&world)["deployed"]["activation"], json!("done"));
 }
+
+/// `hail status --profiles…` as an operator runs it, table form.
+fn status_table(world: &World) -> String {
+    let mut cmd = world.bare_hail();
+    cmd.arg("status").arg("--state-dir").arg(world.state_dir());
+    let run = world.run(cmd);
+    assert_exit(&run, 0);
+    run.stdout
+}
+
+/// The row of the test profile in `hail status`, as cells split on runs of spaces.
+fn status_deployed_cell(world: &World) -> String {
+    let table = status_table(world);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("no row for web in:\n{table}"));
+    row.split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn killed_while_rolling_back_is_finished_by_the_next_pass() {
+    let world = World::new();
+    // a's activate hangs the first time it runs as a rollback (it then sees
+    // the failed build as HAIL_PREVIOUS_STORE_PATH).
+    let once = "[ -z \"$HAIL_PREVIOUS_STORE_PATH\" ] || { m=\"$(dirname \"$HAIL_TEST_RECORD\")/slept\"; [ -e \"$m\" ] || { touch \"$m\"; sleep 60; }; }";
+    let (_, a) = world.publish_with("a", once);
+    assert_exit(&world.pass(&[]), 0);
+    let (id_b, _) = publish_b(&world, "exit 1");
+    kill_pass_when(&world, || world.path("slept").exists());
+    assert_eq!(state(&world)["rolling_back"]["build_id"], json!(id_b));
+    let b_runs = || {
+        world
+            .activations()
+            .iter()
+            .filter(|l| l.starts_with("label=b "))
+            .count()
+    };
+    assert_eq!(b_runs(), 1);
+
+    // The next pass finishes the rollback instead of deploying b again.
+    let run = world.pass(&[]);
+    assert_exit(&run, 3);
+    assert!(run.stderr.contains("interrupted"), "{run:?}");
+    assert_a_intact(&world, &a, "after finishing the rollback", &run);
+    assert_eq!(b_runs(), 1, "b was activated again\n{run:?}");
+    let saved = state(&world);
+    assert_eq!(saved["rolling_back"], Value::Null);
+    assert_eq!(saved["failed"]["build_id"], json!(id_b));
+    assert_eq!(saved["deployed"]["store_path"], json!(a));
+
+    // And the one after that refuses b as a failed build, touching nothing.
+    let run = world.pass(&[]);
+    assert_exit(&run, 3);
+    assert!(run.stderr.contains("failed to activate"), "{run:?}");
+    assert_a_intact(&world, &a, "the pass after", &run);
+}
+
+#[test]
+fn hold_survives_a_lost_state_file() {
+    let (world, a) = deployed_a();
+    let (_, b) = world.publish("b");
+    assert_exit(&world.pass(&[]), 0);
+    crate::common::cache::run(
+        Command::new("nix-env")
+            .arg("-p")
+            .arg(world.profile_path())
+            .arg("--rollback"),
+    );
+    std::fs::write(world.state_dir().join("web.json"), b"{\"deployed\": tru").unwrap();
+    let activations = world.activations().len();
+
+    let run = world.pass(&[]);
+    assert_exit(&run, 0);
+    assert!(run.stderr.contains("is corrupt"), "{run:?}");
+    assert!(run.stderr.contains("holding"), "{run:?}");
+    assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
+    assert_eq!(world.activations().len(), activations, "{run:?}");
+    assert_eq!(state(&world)["held"]["profile_target"], json!(a));
+    assert_eq!(state(&world)["deployed"]["store_path"], json!(b));
+
+    // A newer build ends the hold as usual.
+    let (_, c) = world.publish("c");
+    assert_exit(&world.pass(&[]), 0);
+    assert_eq!(world.profile_target().as_deref(), Some(c.as_str()));
+}
+
+#[test]
+fn status_names_a_profile_hail_did_not_deploy() {
+    let world = World::new();
+    // A profile set up by hand, before hail.
+    let x = world.cache.build("x", &recording_activate("x", ""));
+    world.cache.publish(&x);
+    std::fs::create_dir_all(world.profiles_dir()).unwrap();
+    crate::common::cache::run(
+        Command::new("nix-env")
+            .arg("-p")
+            .arg(world.profile_path())
+            .arg("--set")
+            .arg(&x)
+            .env(
+                "NIX_CONFIG",
+                world.cache.client_nix_config(&world.hydra.origin()),
+            ),
+    );
+    // Hydra is down: the pass fails, but the record says what is deployed.
+    let port = crate::common::free_port();
+    let run =
+        world.run(world.hail_with_job(&format!("http://127.0.0.1:{port}/job/hail/main/{JOB}")));
+    assert_exit(&run, 1);
+    assert_eq!(status_deployed_cell(&world), "generation 1 (hail-test-x)");
+
+    // Hydra's first build fails to activate: back at x, still named.
+    let (_, _) = publish_b(&world, "exit 1");
+    let run = world.pass(&[]);
+    assert_exit(&run, 3);
+    assert_eq!(world.profile_target().as_deref(), Some(x.as_str()));
+    assert_eq!(status_deployed_cell(&world), "generation 1 (hail-test-x)");
+}
+
+#[test]
+fn unknown_build_age_is_never_deployed_early() {
+    for (case, stoptime) in [
+        ("missing", None),
+        ("null", Some(Value::Null)),
+        ("malformed", Some(json!("yesterday"))),
+        ("absurd", Some(json!(u64::MAX))),
+    ] {
+        let (world, a) = deployed_a();
+        let (id, b) = publish_b(&world, "");
+        let mut build = crate::common::hydra::build_object(id, JOB, &b, Some(0));
+        match &stoptime {
+            None => {
+                build.as_object_mut().unwrap().remove("stoptime");
+            }
+            Some(value) => build["stoptime"] = value.clone(),
+        }
+        world.hydra.set_build_json(id, build);
+        let run = world.pass(&["--min-build-age", "1h"]);
+        assert_exit(&run, 0);
+        assert!(run.stderr.contains("age is unknown"), "{case}: {run:?}");
+        assert_a_intact(&world, &a, case, &run);
+        assert_eq!(state(&world)["waiting"]["build_id"], json!(id), "{case}");
+    }
+}

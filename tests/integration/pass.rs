@@ -732,3 +732,57 @@ fn https_hydra_behind_a_private_ca() {
     assert_exit(&run, 1);
     assert!(run.stderr.contains("no-such-ca.pem"), "{run:?}");
 }
+
+#[test]
+fn numbers_out_of_range_exit_2_naming_the_option_and_its_limit() {
+    let world = World::new();
+    world.publish("a");
+    for (option, value, limit) in [
+        ("--timeout", "1e30", "86400 s"),
+        ("--lock-timeout", "1e19", "86400 s"),
+        ("--activate-timeout", "100000", "86400 s"),
+        ("--min-build-age", "18446744073709551615", "366 days"),
+        ("--min-build-age", "400d", "366 days"),
+    ] {
+        let run = world.pass(&[option, value]);
+        assert_exit(&run, 2);
+        assert!(
+            run.stderr.contains(option) && run.stderr.contains(limit),
+            "{option} {value}: {run:?}"
+        );
+        assert!(
+            !exists(&world.profiles_dir()),
+            "{option} {value} created files"
+        );
+        assert!(world.hydra.requests().is_empty());
+    }
+    // The same through the environment, as a unit's env file sets it.
+    let mut cmd = world.hail();
+    cmd.env("HAIL_LOCK_TIMEOUT", "1e19");
+    let run = world.run(cmd);
+    assert_exit(&run, 2);
+    assert!(run.stderr.contains("--lock-timeout"), "{run:?}");
+}
+
+#[test]
+fn a_password_in_the_job_uri_is_never_printed() {
+    let world = World::new();
+    let job = world
+        .hydra
+        .job_uri(JOB)
+        .replace("http://", "http://ci:s3cret@");
+    let mut by_option = world.bare_hail();
+    by_option.args(["--profile", "web", "--job-uri", &job]);
+    let mut by_env = world.bare_hail();
+    by_env.args(["--profile", "web"]).env("HAIL_JOB_URI", &job);
+    for cmd in [by_option, by_env] {
+        let run = world.run(cmd);
+        assert_exit(&run, 2);
+        assert!(run.stderr.contains("netrc"), "{run:?}");
+        assert!(
+            !run.stderr.contains("s3cret") && !run.stdout.contains("s3cret"),
+            "{run:?}"
+        );
+    }
+    assert!(world.hydra.requests().is_empty());
+}
