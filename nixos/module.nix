@@ -448,7 +448,7 @@ in
         # started as hail@foo, deploys profile "foo" if the environment provides
         # HAIL_JOB_URI (it does not: instances are the supported way).
         "hail@" = {
-          description = "hail: deploy Nix profile %I from Hydra";
+          description = "hail: deploy Nix profile %i from Hydra";
           documentation = [ "https://github.com/hail-cd/hail" ];
           wants = [ "network-online.target" ];
           after = [ "network-online.target" ];
@@ -458,8 +458,9 @@ in
           # systemd on every service's path anyway; hail depends on it, so say so).
           path = hailPath;
 
-          # Overridden by every instance's drop-in; %I is the unescaped instance name.
-          environment.HAIL_PROFILE = "%I";
+          # Overridden by every instance's drop-in; %i is the instance name as
+          # typed (%I would unescape "my-web" into "my/web").
+          environment.HAIL_PROFILE = "%i";
 
           # A NixOS switch must never restart (= kill) a running pass: the pass may be
           # in the middle of switching the profile or running bin/activate, and the
@@ -481,6 +482,12 @@ in
             NotifyAccess = "main";
             # /var/lib/hail, exported as $STATE_DIRECTORY, hail's default state dir.
             StateDirectory = "hail";
+            # A backstop above hail's own deadlines, which bound every step: the lock
+            # wait (HAIL_LOCK_TIMEOUT, 30 min), each Hydra exchange (HAIL_TIMEOUT,
+            # 1 min), each nix-env call (HAIL_NIX_TIMEOUT, 30 min: the switch, and on
+            # a rollback the switch back) and activate (HAIL_ACTIVATE_TIMEOUT, 10 min,
+            # twice on a rollback): about 2 h 25 min at the defaults.
+            TimeoutStartSec = lib.mkDefault "3h";
 
             # Hardening: none beyond a plain umask, on purpose. What hail@ may do by
             # design is run arbitrary code as root: it switches root-owned profiles
@@ -504,8 +511,6 @@ in
             #   for activations that touch devices, modules, sysctls, cgroups, the clock
             #   or the hostname, or run JIT runtimes.
             # - PrivateNetwork=, IPAddressDeny=: the pass talks to Hydra and the caches.
-            # - TimeoutStartSec= stays at the oneshot default (none): hail bounds the
-            #   pass itself (--timeout / HAIL_TIMEOUT).
             # The trust boundary is elsewhere: who may publish to the Hydra job, and
             # the cache's signing key in nix.settings.trusted-public-keys.
             UMask = "0022";
@@ -515,7 +520,7 @@ in
         # Boot-time activation template: runs PROFILE/bin/activate when the profile
         # exists, succeeds doing nothing otherwise.
         "hail-activate@" = {
-          description = "hail: activate deployed Nix profile %I at boot";
+          description = "hail: activate deployed Nix profile %i at boot";
           documentation = [ "https://github.com/hail-cd/hail" ];
           after = [
             "local-fs.target"
@@ -524,13 +529,15 @@ in
           # A pass of the same instance started at boot waits for the activation.
           before = [ "hail@%i.service" ];
           path = hailPath;
-          environment.HAIL_PROFILE = "%I";
+          environment.HAIL_PROFILE = "%i";
           # A switch must not re-run activations (the unit stays active after boot).
           restartIfChanged = false;
           serviceConfig = {
             Type = "oneshot";
             RemainAfterExit = true;
             ExecStart = "${hail} activate";
+            # Above hail's own deadlines: the lock wait and activate.
+            TimeoutStartSec = lib.mkDefault "1h";
             NotifyAccess = "main";
             StateDirectory = "hail";
             UMask = "0022";
@@ -584,8 +591,11 @@ in
           overrideStrategy = "asDropin";
           path = hailPath;
           restartIfChanged = false;
+          # The same profile and job as hail@<name>: hail activate refuses a profile
+          # deployed from another job, and records a failure for the passes to retry.
           environment = {
             HAIL_PROFILE = instance.profile;
+            HAIL_JOB_URI = instance.jobUri;
           }
           // instance.environment;
           wantedBy = lib.optional instance.activateAtBoot "multi-user.target";

@@ -40,7 +40,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot-time activation: run PROFILE/bin/activate if the profile exists
-    /// (exits 0 if it does not).
+    /// (exits 0 if it does not); a failure is recorded, and the next passes
+    /// run the activation again (up to 3 failures in a row).
     Activate(ActivateArgs),
     /// Show what hail deployed and how its last passes went, from the state
     /// dir only (no network, no lock: works while a pass runs).
@@ -172,17 +173,12 @@ pub struct PassArgs {
     #[arg(long, env = "HAIL_NETRC_FILE", value_name = "FILE")]
     pub netrc_file: Option<PathBuf>,
 
-    /// Where hail keeps per-profile locks [default: $STATE_DIRECTORY, else /var/lib/hail].
-    #[arg(long, env = "HAIL_STATE_DIR", value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub lock: LockArgs,
 
     /// Seconds each HTTP exchange may take [default: 10 to connect, 60 in all].
     #[arg(long, env = "HAIL_TIMEOUT", value_name = "SECS", value_parser = parse_seconds)]
     pub timeout: Option<Duration>,
-
-    /// Seconds a pass waits for another pass on the same profile to finish.
-    #[arg(long, env = "HAIL_LOCK_TIMEOUT", value_name = "SECS", value_parser = parse_seconds, default_value = "1800")]
-    pub lock_timeout: Duration,
 
     /// The build output to deploy, for jobs whose deployable output is not `out`.
     #[arg(long, env = "HAIL_OUTPUT", value_name = "NAME", default_value = "out", value_parser = parse_output)]
@@ -242,10 +238,30 @@ pub struct PassArgs {
     pub poll_period: Option<String>,
 }
 
+/// Where hail keeps its per-profile state and locks, and how long to wait for a lock.
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// Where hail keeps per-profile state and locks [default: $STATE_DIRECTORY, else /var/lib/hail].
+    #[arg(long, env = "HAIL_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Seconds to wait for another pass on the same profile to finish.
+    #[arg(long, env = "HAIL_LOCK_TIMEOUT", value_name = "SECS", value_parser = parse_seconds, default_value = "1800")]
+    pub lock_timeout: Duration,
+}
+
 #[derive(Debug, Args)]
 pub struct ActivateArgs {
     #[command(flatten)]
     pub profile: ProfileArgs,
+
+    /// The Hydra job the profile is deployed from (the instance's HAIL_JOB_URI):
+    /// hail refuses to activate a profile that it deployed from another job.
+    #[arg(long, env = "HAIL_JOB_URI", value_name = "HYDRA_JOB_URI", value_parser = JobUriParser)]
+    pub job_uri: JobUri,
+
+    #[command(flatten)]
+    pub lock: LockArgs,
 }
 
 /// The longest a deadline may be: long enough for any real pass, short

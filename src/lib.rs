@@ -33,7 +33,7 @@ use crate::store_path::StoreDir;
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let (profile, job) = match &cli.command {
-        Some(Command::Activate(args)) => (args.profile.profile.as_ref(), None),
+        Some(Command::Activate(args)) => (args.profile.profile.as_ref(), Some(&args.job_uri)),
         Some(Command::Status(_) | Command::Service(_) | Command::Manager(_)) => (None, None),
         None => (cli.pass.profile.profile.as_ref(), cli.pass.job_uri.as_ref()),
     };
@@ -71,8 +71,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Some(Command::Activate(args)) => {
             let profile = profile_from(&args.profile)?;
-            let runner = Runner::detect(&profile.name);
-            pass::activate_existing(&profile, &store, &runner, args.profile.activate_timeout)?;
+            let boot = pass::BootActivation {
+                runner: Runner::detect(&profile.name),
+                profile,
+                store,
+                state: state_dir(args.lock.state_dir),
+                job: args.job_uri,
+                lock_timeout: args.lock.lock_timeout,
+                activate_timeout: args.profile.activate_timeout,
+            };
+            boot.run()?;
         }
         Some(Command::Service(command)) => match command {
             ServiceCommand::Activate {
@@ -108,10 +116,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Some(Command::Status(args)) => {
-            let states = args
-                .state_dir
-                .map_or_else(StateDir::default_from_env, StateDir::new);
-            print!("{}", status::show(&states, &args.profiles, args.json)?);
+            print!(
+                "{}",
+                status::show(&state_dir(args.state_dir), &args.profiles, args.json)?
+            );
         }
         None => {
             let args = cli.pass;
@@ -142,10 +150,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 runner: Runner::detect(&profile.name),
                 profile,
                 store,
-                state: args
-                    .state_dir
-                    .map_or_else(StateDir::default_from_env, StateDir::new),
-                lock_timeout: args.lock_timeout,
+                state: state_dir(args.lock.state_dir),
+                lock_timeout: args.lock.lock_timeout,
                 activate_timeout: args.profile.activate_timeout,
                 dry_run: args.dry_run,
                 retry_failed: args.retry_failed,
@@ -159,6 +165,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn state_dir(dir: Option<std::path::PathBuf>) -> StateDir {
+    dir.map_or_else(StateDir::default_from_env, StateDir::new)
 }
 
 fn profile_from(args: &cli::ProfileArgs) -> Result<Profile> {

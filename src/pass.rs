@@ -100,6 +100,10 @@ impl Outcome {
 enum Plan {
     /// Run the interrupted activation of the build the profile is at.
     Reactivate,
+    /// Run the activation that failed at boot again; no rollback if it fails.
+    RetryActivation(Deployment),
+    /// The activation failed too often in a row: exit 3 until someone acts.
+    GiveUpActivation(Deployment),
     UpToDate,
     /// The build failed to activate before: exit 3 without touching anything.
     RefuseFailed(FailedBuild),
@@ -252,6 +256,20 @@ impl Pass {
                 println!("would run the interrupted activation of build {id} {path} again");
                 Outcome::Reactivated
             }
+            Plan::RetryActivation(deployed) => {
+                println!(
+                    "would run the activation of build {id} {path} again: it failed {} time(s) in a row",
+                    deployed.activation_failures
+                );
+                Outcome::Reactivated
+            }
+            Plan::GiveUpActivation(deployed) => {
+                println!(
+                    "would not activate build {id} {path} again: it failed {} times in a row",
+                    deployed.activation_failures
+                );
+                Outcome::Held
+            }
             Plan::UpToDate => {
                 println!("up to date: build {id} {path}");
                 Outcome::UpToDate
@@ -301,13 +319,22 @@ impl Pass {
         let current_str = current.map(StorePath::as_str);
         let latest = build.out_path.as_str();
         if let Some(deployed) = &state.deployed
-            && deployed.activation == ActivationState::Pending
             && current_str == Some(latest)
             && deployed.store_path == latest
         {
-            // Interrupted between the switch and the end of activate (killed,
-            // power loss): the profile is at the build, activation is pending.
-            return Plan::Reactivate;
+            match deployed.activation {
+                // Interrupted between the switch and the end of activate
+                // (killed, power loss): the profile is at the build.
+                ActivationState::Pending => return Plan::Reactivate,
+                // Activated once, then failed (at boot): run it again, a few times.
+                ActivationState::Failed
+                    if deployed.activation_failures < MAX_ACTIVATION_FAILURES =>
+                {
+                    return Plan::RetryActivation(deployed.clone());
+                }
+                ActivationState::Failed => return Plan::GiveUpActivation(deployed.clone()),
+                ActivationState::Done => {}
+            }
         }
         if current_str == Some(latest) {
             return Plan::UpToDate;
@@ -374,6 +401,35 @@ impl Pass {
                 );
                 self.activate(state, &build).map(|_| Outcome::Reactivated)
             }
+            Plan::RetryActivation(deployed) => {
+                report::event(
+                    Level::Warn,
+                    message_id::ACTIVATION_FAILED,
+                    About::build(build.id, build.out_path.as_str()),
+                    format_args!(
+                        "the activation of build {} failed {} time(s) in a row (at boot); running it again",
+                        build.id, deployed.activation_failures
+                    ),
+                );
+                self.retry_activation(state, &build)
+            }
+            Plan::GiveUpActivation(deployed) => Err(ActivationFailed::of_build(
+                build.id,
+                build.out_path.as_str(),
+                format!(
+                    "the activation of build {} ({}) failed {} times in a row; hail does not run it \
+                     again. Fix what it needs and run `systemctl start hail-activate@INSTANCE` (or \
+                     `hail activate`), or publish a new build{}",
+                    build.id,
+                    build.out_path,
+                    deployed.activation_failures,
+                    state
+                        .last_error
+                        .as_ref()
+                        .map(|e| format!("; the last error: {}", e.message))
+                        .unwrap_or_default()
+                ),
+            )),
             Plan::UpToDate => {
                 report::event(
                     Level::Info,
@@ -478,51 +534,55 @@ impl Pass {
         }
     }
 
-    /// Makes the record agree with the profile when the state does not say
-    /// what it points at (a first pass, or lost or corrupt state): the
-    /// profile's generation is adopted as deployed, or, when a newer
-    /// generation exists (someone rolled back), the newest one, which the
-    /// hold then protects from being deployed again.
     fn reconcile(&self, state: &mut State, current: Option<&StorePath>) {
-        let Some(current) = current else { return };
-        if state.deployed.is_some() {
-            return;
+        if let Some(current) = current {
+            adopt_profile(state, &self.profile, &self.store, self.hydra.job(), current);
         }
-        let current_generation = self.profile.current_generation();
-        let newest = self
-            .profile
-            .generations()
-            .map_err(|err| log::warn!("{err:#}"))
-            .ok()
-            .and_then(|generations| generations.last().copied());
-        let rolled_back_from = newest
-            .filter(|newest| current_generation.is_some_and(|c| c < *newest))
-            .and_then(|newest| {
-                Some((newest, self.profile.generation_target(newest, &self.store)?))
-            });
-        let (generation, store_path) = match rolled_back_from {
-            Some((newest, path)) => {
-                log::warn!(
-                    "hail has no record of profile {}; it is at generation {} while generation \
-                     {newest} ({path}) is newer: treating that as rolled back by hand",
-                    self.profile.path().display(),
-                    current_generation.unwrap_or_default()
-                );
-                (Some(newest), path.to_string())
-            }
-            None => (current_generation, current.to_string()),
+    }
+
+    /// Runs the activation of the deployed build again after it failed at
+    /// boot. It worked once, so a failure is not rolled back: it is counted,
+    /// and retried by the next passes up to [`MAX_ACTIVATION_FAILURES`].
+    fn retry_activation(&self, state: &mut State, build: &Build) -> Result<Outcome> {
+        report::status(&format!("activating build {} again", build.id));
+        self.step.set(Step::Activation);
+        let activation =
+            self.run_script("bin/activate", Some(build.id), build.out_path.as_str(), "")?;
+        let Some(deployed) = state.deployed.as_mut() else {
+            anyhow::bail!("no deployment recorded for build {}", build.id);
         };
-        state.deployed = Some(Deployment {
-            build_id: None,
-            at: generation
-                .and_then(|g| self.profile.generation_time(g))
-                .unwrap_or_else(state::now),
-            store_path,
-            generation,
-            job: self.hydra.job().to_string(),
-            activation: ActivationState::Done,
-            previous: None,
-        });
+        match activation {
+            Activation::Succeeded | Activation::NoScript => {
+                deployed.activation = ActivationState::Done;
+                deployed.activation_failures = 0;
+                report::event(
+                    Level::Info,
+                    message_id::DEPLOYED,
+                    About::build(build.id, build.out_path.as_str()),
+                    format_args!("activated build {} ({}) again", build.id, build.out_path),
+                );
+                Ok(Outcome::Reactivated)
+            }
+            Activation::Failed(failure) => {
+                deployed.activation_failures = deployed.activation_failures.saturating_add(1);
+                Err(ActivationFailed::of_build(
+                    build.id,
+                    build.out_path.as_str(),
+                    format!(
+                        "activation of build {} ({}) {} again ({} failure(s) in a row, at most {}){}",
+                        build.id,
+                        build.out_path,
+                        failure.how,
+                        deployed.activation_failures,
+                        MAX_ACTIVATION_FAILURES,
+                        failure
+                            .stderr_tail
+                            .map(|t| format!("\nlast lines of its stderr:\n{t}"))
+                            .unwrap_or_default()
+                    ),
+                ))
+            }
+        }
     }
 
     fn deployment(
@@ -538,6 +598,7 @@ impl Pass {
             job: self.hydra.job().to_string(),
             at: state::now(),
             activation,
+            activation_failures: 0,
             previous,
         }
     }
@@ -833,6 +894,7 @@ impl Pass {
             job: self.hydra.job().to_string(),
             at: previous.at.unwrap_or_else(state::now),
             activation: ActivationState::Done,
+            activation_failures: 0,
             previous: None,
         });
         let back = format!(
@@ -891,45 +953,195 @@ impl Pass {
     }
 }
 
-/// `hail activate`: re-run the profile's activation, e.g. at boot.
-pub fn activate_existing(
+/// Makes the record agree with the profile when the state does not say
+/// what it points at (a first pass, or lost or corrupt state): the profile's
+/// generation is adopted as deployed, or, when a newer generation exists
+/// (someone rolled back), the newest one, which the hold then protects from
+/// being deployed again.
+fn adopt_profile(
+    state: &mut State,
     profile: &Profile,
     store: &StoreDir,
-    runner: &Runner,
-    timeout: Duration,
-) -> Result<()> {
-    let Some(current) = profile.current_target(store)? else {
-        log::info!(
-            "profile {} does not exist yet; nothing to activate",
-            profile.path().display()
-        );
-        return Ok(());
+    job: &hydra::JobUri,
+    current: &StorePath,
+) {
+    if state.deployed.is_some() {
+        return;
+    }
+    let current_generation = profile.current_generation();
+    let newest = profile
+        .generations()
+        .map_err(|err| log::warn!("{err:#}"))
+        .ok()
+        .and_then(|generations| generations.last().copied());
+    let rolled_back_from = newest
+        .filter(|newest| current_generation.is_some_and(|c| c < *newest))
+        .and_then(|newest| Some((newest, profile.generation_target(newest, store)?)));
+    let (generation, store_path) = match rolled_back_from {
+        Some((newest, path)) => {
+            log::warn!(
+                "hail has no record of profile {}; it is at generation {} while generation \
+                 {newest} ({path}) is newer: treating that as rolled back by hand",
+                profile.path().display(),
+                current_generation.unwrap_or_default()
+            );
+            (Some(newest), path.to_string())
+        }
+        None => (current_generation, current.to_string()),
     };
-    report::status(&format!("activating {current}"));
-    let env = [
-        ("HAIL_PROFILE", profile.name.as_str()),
-        ("HAIL_STORE_PATH", current.as_str()),
-    ];
-    match activate::run(profile.path(), runner, &env, timeout).context("boot-time activation")? {
-        Activation::Succeeded => {
-            log::info!("activated {current}");
-            Ok(())
+    state.deployed = Some(Deployment {
+        build_id: None,
+        at: generation
+            .and_then(|g| profile.generation_time(g))
+            .unwrap_or_else(state::now),
+        store_path,
+        generation,
+        job: job.to_string(),
+        activation: ActivationState::Done,
+        activation_failures: 0,
+        previous: None,
+    });
+}
+
+/// Failed activations of one deployment in a row after which the passes
+/// stop running it again (the boot activation always runs).
+pub const MAX_ACTIVATION_FAILURES: u32 = 3;
+
+/// `hail activate`: run the profile's activation again, at boot. A failure
+/// is recorded in the state, so that `hail status` shows it and the next
+/// passes run the activation again instead of calling the profile up to date.
+pub struct BootActivation {
+    pub profile: Profile,
+    pub store: StoreDir,
+    pub state: StateDir,
+    pub job: hydra::JobUri,
+    pub runner: Runner,
+    pub lock_timeout: Duration,
+    pub activate_timeout: Duration,
+}
+
+impl BootActivation {
+    pub fn run(&self) -> Result<()> {
+        let Some(current) = self.profile.current_target(&self.store)? else {
+            log::info!(
+                "profile {} does not exist yet; nothing to activate",
+                self.profile.path().display()
+            );
+            return Ok(());
+        };
+        let _lock = self.state.lock(&self.profile.name, self.lock_timeout)?;
+        let mut state = self.state.load_for_update(&self.profile.name);
+        if let Some(rollback) = &state.rolling_back {
+            anyhow::bail!(
+                "not activating profile {}: the rollback from build {}, whose activation failed, \
+                 is unfinished; the next pass (hail@) finishes it",
+                self.profile.path().display(),
+                rollback.build_id
+            );
         }
-        Activation::NoScript => {
-            log::warn!("{current} has no bin/activate: nothing to activate");
-            Ok(())
+        adopt_profile(&mut state, &self.profile, &self.store, &self.job, &current);
+        if let Some(deployed) = &state.deployed
+            && deployed.job != self.job.to_string()
+        {
+            anyhow::bail!(
+                "profile {} is deployed from {}, not from {}: the hail instance of this job does \
+                 not deploy it. Check HAIL_PROFILE and HAIL_JOB_URI in the instance's environment \
+                 file (/etc/hail/INSTANCE.env)",
+                self.profile.path().display(),
+                deployed.job,
+                self.job
+            );
         }
-        Activation::Failed(failure) => Err(anyhow::Error::new(ActivationFailed {
-            message: format!(
-                "activation of {current} {}{}",
-                failure.how,
-                failure
-                    .stderr_tail
-                    .map(|t| format!("\nlast lines of its stderr:\n{t}"))
-                    .unwrap_or_default()
-            ),
-            build: Some((None, current.to_string())),
-        })),
+        let this_deployment = state
+            .deployed
+            .as_mut()
+            .filter(|d| d.store_path == current.as_str());
+        let build_id = this_deployment.as_ref().and_then(|d| d.build_id);
+        report::status(&format!("activating {current}"));
+        let id = build_id.map(|id| id.to_string()).unwrap_or_default();
+        let env = [
+            ("HAIL_PROFILE", self.profile.name.as_str()),
+            ("HAIL_BUILD_ID", id.as_str()),
+            ("HAIL_STORE_PATH", current.as_str()),
+            ("HAIL_PREVIOUS_STORE_PATH", ""),
+        ];
+        let about = About {
+            build_id,
+            store_path: Some(current.as_str()),
+        };
+        let activation = activate::run(
+            self.profile.path(),
+            &self.runner,
+            &env,
+            self.activate_timeout,
+        )
+        .context("boot-time activation")?;
+        let result = match activation {
+            Activation::Succeeded | Activation::NoScript => {
+                if let Some(deployed) = this_deployment {
+                    deployed.activation = ActivationState::Done;
+                    deployed.activation_failures = 0;
+                }
+                match activation {
+                    Activation::NoScript => {
+                        log::warn!("{current} has no bin/activate: nothing to activate")
+                    }
+                    _ => report::event(
+                        Level::Info,
+                        message_id::DEPLOYED,
+                        about,
+                        format_args!("activated {current}"),
+                    ),
+                }
+                Ok(())
+            }
+            Activation::Failed(failure) => {
+                let failures = match this_deployment {
+                    Some(deployed) => {
+                        deployed.activation = ActivationState::Failed;
+                        deployed.activation_failures =
+                            deployed.activation_failures.saturating_add(1);
+                        deployed.activation_failures
+                    }
+                    None => 1,
+                };
+                report::event(
+                    Level::Error,
+                    message_id::ACTIVATION_FAILED,
+                    about,
+                    format_args!("boot-time activation of {current} {}", failure.how),
+                );
+                let message = format!(
+                    "activation of {current} {} ({failures} failure(s) in a row; the next passes run \
+                     it again, up to {MAX_ACTIVATION_FAILURES}){}",
+                    failure.how,
+                    failure
+                        .stderr_tail
+                        .map(|t| format!("\nlast lines of its stderr:\n{t}"))
+                        .unwrap_or_default()
+                );
+                state.last_error = Some(LastError {
+                    at: state::now(),
+                    message: message.clone(),
+                    exit_status: EXIT_ACTIVATION_FAILED,
+                    kind: Step::Activation.kind().into(),
+                });
+                *state
+                    .counters
+                    .errors
+                    .entry(Step::Activation.kind().into())
+                    .or_default() += 1;
+                Err(anyhow::Error::new(ActivationFailed {
+                    message,
+                    build: Some((build_id, current.to_string())),
+                }))
+            }
+        };
+        if let Err(err) = self.state.save(&self.profile.name, &state) {
+            // The activation's own result is what the operator needs.
+            log::warn!("{err:#}");
+        }
+        result
     }
 }
 

@@ -28,6 +28,14 @@ impl ProfileName {
         if name.starts_with('/') {
             return Err(format!("{name:?} is absolute; {RULE}"));
         }
+        if name.contains('\\') {
+            return Err(format!(
+                "{name:?} contains '\\': it looks like a systemd-escaped instance name. \
+                 hail@NAME deploys the profile NAME as typed; for a profile whose name a unit \
+                 cannot carry, name the instance anything and set HAIL_PROFILE in \
+                 /etc/hail/NAME.env"
+            ));
+        }
         if let Some(bad) = name
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || "._+-/".contains(*c)))
@@ -313,7 +321,7 @@ mod tests {
         }
         for bad in [
             "", "/web", "web/", "a//b", "./web", "a/./b", "..", "a/../b", "we b", "web;id", "$x",
-            "wéb", "a\nb",
+            "wéb", "a\nb", "a\\x2bb",
         ] {
             assert!(ProfileName::parse(bad).is_err(), "{bad:?}");
         }

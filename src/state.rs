@@ -246,6 +246,10 @@ pub struct Deployment {
     /// When the switch happened.
     pub at: u64,
     pub activation: ActivationState,
+    /// Failed activations in a row of this deployment (at boot, and the
+    /// passes' retries); the passes stop retrying at a bound.
+    #[serde(default)]
+    pub activation_failures: u32,
     /// What the profile pointed at before, for rolling back.
     pub previous: Option<Previous>,
 }
@@ -257,6 +261,8 @@ pub enum ActivationState {
     /// set by a later pass, it means hail was interrupted.
     Pending,
     Done,
+    /// A later activation (at boot) failed; the next passes run it again.
+    Failed,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -101,10 +101,23 @@ fn table(rows: &[(ProfileName, State)], states: &StateDir) -> String {
 
 fn notes(state: &State) -> String {
     let mut notes = Vec::new();
-    if let Some(d) = &state.deployed
-        && d.activation == ActivationState::Pending
-    {
-        notes.push(format!("activation of {} pending", d.describe()));
+    if let Some(d) = &state.deployed {
+        match d.activation {
+            ActivationState::Pending => {
+                notes.push(format!("activation of {} pending", d.describe()));
+            }
+            ActivationState::Failed => notes.push(format!(
+                "activation of {} failed {} time(s) in a row{}",
+                d.describe(),
+                d.activation_failures,
+                state
+                    .last_error
+                    .as_ref()
+                    .and_then(|e| e.message.lines().next().map(|l| format!(": {l}")))
+                    .unwrap_or_default()
+            )),
+            ActivationState::Done => {}
+        }
     }
     if let Some(rollback) = &state.rolling_back {
         notes.push(format!(

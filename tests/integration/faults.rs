@@ -392,10 +392,7 @@ fn first_deploy_that_fails_removes_the_profile() {
     assert_eq!(world.profile_target(), None);
     assert!(world.generations().is_empty(), "{:?}", world.generations());
     // Nothing half-activated is left for boot.
-    let mut cmd = world.bare_hail();
-    cmd.args(["activate", "--profile", "web", "--profiles-dir"])
-        .arg(world.profiles_dir());
-    assert_exit(&world.run(cmd), 0);
+    assert_exit(&world.run(world.boot_activation()), 0);
     assert_eq!(world.activations().len(), 1);
 }
 
@@ -778,4 +775,74 @@ fn unknown_build_age_is_never_deployed_early() {
         assert_a_intact(&world, &a, case, &run);
         assert_eq!(state(&world)["waiting"]["build_id"], json!(id), "{case}");
     }
+}
+
+#[test]
+fn a_failed_boot_activation_is_recorded_and_retried_by_passes() {
+    let world = World::new();
+    // Boot activations (no HAIL_BUILD_ID... until hail knows the build) fail
+    // while the flag file exists.
+    let flag = world.path("broken");
+    let (id, a) = world.publish_with(
+        "a",
+        &format!(
+            "[ ! -e {} ] || {{ echo the database is not up >&2; exit 4; }}",
+            flag.display()
+        ),
+    );
+    assert_exit(&world.pass(&[]), 0);
+    std::fs::write(&flag, "").unwrap();
+
+    let run = world.run(world.boot_activation());
+    assert_exit(&run, 3);
+    assert!(run.stderr.contains("the database is not up"), "{run:?}");
+    let saved = state(&world);
+    assert_eq!(saved["deployed"]["activation"], json!("failed"));
+    assert_eq!(saved["deployed"]["activation_failures"], json!(1));
+    let table = status_table(&world);
+    assert!(
+        table.contains("activation of build") && table.contains("failed 1 time(s)"),
+        "{table}"
+    );
+
+    // The next pass does not call it up to date: it activates again, and
+    // counts the failure (no rollback: it worked before).
+    let run = world.pass(&[]);
+    assert_exit(&run, 3);
+    assert!(run.stderr.contains("running it again"), "{run:?}");
+    assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
+    assert_eq!(state(&world)["deployed"]["activation_failures"], json!(2));
+    let runs = world.activations().len();
+    assert_exit(&world.pass(&[]), 3);
+    assert_eq!(world.activations().len(), runs + 1);
+    // Bounded: the third failure in a row was the last try.
+    let run = world.pass(&[]);
+    assert_exit(&run, 3);
+    assert!(run.stderr.contains("3 times in a row"), "{run:?}");
+    assert_eq!(world.activations().len(), runs + 1, "{run:?}");
+
+    // Fixed, and activated by hand (or at the next boot): up to date again.
+    std::fs::remove_file(&flag).unwrap();
+    assert_exit(&world.run(world.boot_activation()), 0);
+    assert_eq!(state(&world)["deployed"]["activation"], json!("done"));
+    assert_eq!(state(&world)["deployed"]["build_id"], json!(id));
+    let run = world.pass(&[]);
+    assert_exit(&run, 0);
+    assert!(run.stderr.contains("up to date"), "{run:?}");
+}
+
+#[test]
+fn boot_activation_refuses_a_profile_deployed_from_another_job() {
+    let (world, _) = deployed_a();
+    let mut cmd = world.bare_hail();
+    cmd.args(["activate", "--profile", "web", "--job-uri"])
+        .arg(world.hydra.job_uri("other"))
+        .arg("--profiles-dir")
+        .arg(world.profiles_dir())
+        .arg("--state-dir")
+        .arg(world.state_dir());
+    let run = world.run(cmd);
+    assert_exit(&run, 1);
+    assert!(run.stderr.contains("not from"), "{run:?}");
+    assert_eq!(world.activations().len(), 1);
 }

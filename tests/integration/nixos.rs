@@ -148,7 +148,7 @@ fn good_configuration_generates_the_units() {
     assert_eq!(template["restartIfChanged"], false);
     assert_eq!(template["unitConfig"]["X-StopOnRemoval"], false);
     assert_eq!(template["overrideStrategy"], "asDropinIfExists");
-    assert_eq!(template["environment"]["HAIL_PROFILE"], "%I");
+    assert_eq!(template["environment"]["HAIL_PROFILE"], "%i");
     assert!(
         strings(&template["path"]).contains(&nix),
         "nix on the template's path"
@@ -241,7 +241,7 @@ fn good_configuration_generates_the_units() {
         boot["serviceConfig"]["ExecStart"],
         format!("{hail} activate")
     );
-    assert_eq!(boot["environment"]["HAIL_PROFILE"], "%I");
+    assert_eq!(boot["environment"]["HAIL_PROFILE"], "%i");
     assert_eq!(boot["restartIfChanged"], false);
     assert!(strings(&boot["after"]).contains(&"nix-daemon.socket"));
     assert!(strings(&boot["wantedBy"]).is_empty());
@@ -249,6 +249,11 @@ fn good_configuration_generates_the_units() {
     assert_eq!(boot_web["overrideStrategy"], "asDropin");
     assert_eq!(strings(&boot_web["wantedBy"]), ["multi-user.target"]);
     assert_eq!(boot_web["environment"]["HAIL_PROFILE"], "web");
+    // The same job as hail@web, which `hail activate` checks the profile against.
+    assert_eq!(
+        boot_web["environment"]["HAIL_JOB_URI"],
+        services["hail@web"]["environment"]["HAIL_JOB_URI"]
+    );
     // db (activateAtBoot = false) keeps a drop-in naming its profile, for a manual
     // `systemctl start hail-activate@db`, but boot does not start it.
     let boot_db = &services["hail-activate@db"];

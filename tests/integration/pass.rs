@@ -126,12 +126,7 @@ fn dry_run_says_what_and_changes_nothing() {
 #[test]
 fn boot_activation_with_and_without_a_profile() {
     let world = World::new();
-    let activate = |world: &World| {
-        let mut cmd = world.bare_hail();
-        cmd.args(["activate", "--profile", "web", "--profiles-dir"])
-            .arg(world.profiles_dir());
-        world.run(cmd)
-    };
+    let activate = |world: &World| world.run(world.boot_activation());
     let run = activate(&world);
     assert_exit(&run, 0);
     assert!(run.stderr.contains("does not exist"), "{run:?}");
@@ -149,7 +144,7 @@ fn boot_activation_with_and_without_a_profile() {
     );
     assert_eq!(
         activations[1],
-        format!("label=a build= store={path} previous= profile=web cwd=/")
+        format!("label=a build={id} store={path} previous= profile=web cwd=/")
     );
     assert_eq!(world.generations(), [1]);
 }
@@ -159,12 +154,11 @@ fn failing_boot_activation_exits_3() {
     let world = World::new();
     world.publish_with(
         "a",
-        "[ -n \"$HAIL_BUILD_ID\" ] || { echo boot activation broke >&2; exit 4; }",
+        "[ -z \"$HAIL_TEST_BOOT\" ] || { echo boot activation broke >&2; exit 4; }",
     );
     assert_exit(&world.pass(&[]), 0);
-    let mut cmd = world.bare_hail();
-    cmd.args(["activate", "--profile", "web", "--profiles-dir"])
-        .arg(world.profiles_dir());
+    let mut cmd = world.boot_activation();
+    cmd.env("HAIL_TEST_BOOT", "1");
     let run = world.run(cmd);
     assert_exit(&run, 3);
     assert!(run.stderr.contains("boot activation broke"), "{run:?}");

@@ -199,8 +199,25 @@ fn timer_pass_failure_and_activation_at_boot() {
         c.lines(ACTIVATIONS),
         [
             format!("label=a build={id} store={path}"),
-            format!("label=a build= store={path}"),
+            format!("label=a build={id} store={path}"),
         ]
+    );
+    // The boot activation's records name the profile, the job and the build.
+    let job_field = format!("HAIL_JOB_URI={}", world.hydra.job_uri(JOB));
+    let boot_records = c.exec(&[
+        "journalctl",
+        "--no-pager",
+        "-o",
+        "cat",
+        "-u",
+        BOOT,
+        "HAIL_PROFILE=demo",
+        &job_field,
+        &format!("HAIL_BUILD_ID={id}"),
+    ]);
+    assert!(
+        boot_records.stdout.contains(&format!("activated {path}")),
+        "{boot_records:?}"
     );
     assert_eq!(c.is_active(TIMER), "active");
     assert_eq!(profile_target(c), path);

@@ -160,6 +160,18 @@ impl World {
         cmd
     }
 
+    /// `hail activate` for the test profile, as hail-activate@web runs it.
+    pub fn boot_activation(&self) -> Command {
+        let mut cmd = self.bare_hail();
+        cmd.args(["activate", "--profile", PROFILE, "--job-uri"])
+            .arg(self.hydra.job_uri(JOB))
+            .arg("--profiles-dir")
+            .arg(self.profiles_dir())
+            .arg("--state-dir")
+            .arg(self.state_dir());
+        cmd
+    }
+
     /// Runs a command to completion (bounded), capturing its output.
     pub fn run(&self, cmd: Command) -> Run {
         run_bounded(cmd)
