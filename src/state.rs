@@ -2,18 +2,29 @@
 //! profile from interleaving, and the JSON document that remembers what hail
 //! deployed, what failed, and how the last pass went.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions, Permissions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use rustix::fs::OFlags;
+use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::profile::ProfileName;
 
 /// How often a waiting pass retries the lock.
 const LOCK_RETRY: Duration = Duration::from_millis(50);
+
+/// How many corrupt copies of one state file are kept:
+/// `PROFILE.json.corrupt`, then `PROFILE.json.corrupt.1` and so on.
+const CORRUPT_COPIES: usize = 10;
+
+/// Random characters in a temporary file's name (`.NAME.tmp-XXXXXX`).
+const TEMP_RANDOM: usize = 6;
 
 /// The state dir: `--state-dir`, `$STATE_DIRECTORY` (systemd's
 /// `StateDirectory=`), or `/var/lib/hail`.
@@ -49,12 +60,11 @@ impl StateDir {
         std::fs::create_dir_all(&self.0)
             .with_context(|| format!("cannot create state dir {}", self.0.display()))?;
         let path = self.file(profile, "lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("cannot open lock file {}", path.display()))?;
+        let file = open_own(
+            &path,
+            OpenOptions::new().create(true).truncate(false).write(true),
+        )
+        .with_context(|| format!("cannot open lock file {}", path.display()))?;
         let deadline = Instant::now() + wait;
         let mut announced = false;
         loop {
@@ -108,7 +118,7 @@ impl StateDir {
 
     fn read(&self, profile: &ProfileName, keep_corrupt_aside: bool) -> State {
         let path = self.state_file(profile);
-        let text = match std::fs::read(&path) {
+        let text = match read_own_file(&path) {
             Ok(text) => text,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return State::default(),
             Err(err) => {
@@ -122,14 +132,16 @@ impl StateDir {
         match serde_json::from_slice(&text) {
             Ok(state) => state,
             Err(err) => {
-                let aside = path.with_extension("json.corrupt");
-                let kept = if keep_corrupt_aside && std::fs::rename(&path, &aside).is_ok() {
-                    format!(" (the old file is {})", aside.display())
+                let kept = if keep_corrupt_aside {
+                    match set_aside(&path) {
+                        Ok(aside) => format!(" (the old file is {})", aside.display()),
+                        Err(why) => format!(" (not kept: {why:#})"),
+                    }
                 } else {
                     String::new()
                 };
                 log::warn!(
-                    "state file {} is corrupt ({err}); starting from an empty state{kept}",
+                    "state file {} is corrupt ({err:#}); starting from an empty state{kept}",
                     path.display()
                 );
                 State::default()
@@ -167,21 +179,147 @@ impl StateDir {
     }
 }
 
+/// Keeps a corrupt state file for a person to look at, under the first free
+/// name of `PROFILE.json.corrupt`, `PROFILE.json.corrupt.1`, …: an earlier
+/// copy, or anything planted at those names, is never replaced.
+fn set_aside(path: &Path) -> Result<PathBuf> {
+    for n in 0..CORRUPT_COPIES {
+        let extension = match n {
+            0 => "json.corrupt".to_owned(),
+            n => format!("json.corrupt.{n}"),
+        };
+        let aside = path.with_extension(extension);
+        // A hard link, unlike a rename, fails if the new name exists.
+        match std::fs::hard_link(path, &aside) {
+            Ok(()) => {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+                return Ok(aside);
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("cannot link it to {}", aside.display()));
+            }
+        }
+    }
+    bail!(
+        "{CORRUPT_COPIES} corrupt copies of {} exist already; remove old ones",
+        path.display()
+    )
+}
+
+/// Flags for opening the files hail keeps: a symbolic link at the name is not
+/// followed (hail never makes one, and through it hail, as root, would read
+/// or write any file), and a FIFO planted there cannot block the open.
+fn own_file_flags() -> i32 {
+    // O_NOFOLLOW | O_NONBLOCK fit an i32 (std's custom_flags type).
+    (OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32
+}
+
+/// Opens one of hail's own files (the lock, the state, a manifest), which
+/// must be a regular file and not a symbolic link.
+fn open_own(path: &Path, options: &mut OpenOptions) -> std::io::Result<File> {
+    let file = options
+        .custom_flags(own_file_flags())
+        .open(path)
+        .map_err(|err| match Errno::from_io_error(&err) {
+            Some(Errno::LOOP) => std::io::Error::other(
+                "it is a symbolic link, which hail does not follow; remove it",
+            ),
+            _ => err,
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("it is not a regular file; remove it"));
+    }
+    Ok(file)
+}
+
+/// The content of a file hail wrote itself, read without following a link.
+pub fn read_own_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut content = Vec::new();
+    open_own(path, OpenOptions::new().read(true))?.read_to_end(&mut content)?;
+    Ok(content)
+}
+
+/// The text of a list hail wrote itself (a manifest): empty if there is
+/// none, and if it cannot be read, reported and empty.
+pub fn read_own_list(path: &Path) -> String {
+    match read_own_file(path) {
+        Ok(content) => String::from_utf8_lossy(&content).into_owned(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(err) => {
+            log::warn!("ignoring {} ({err})", path.display());
+            String::new()
+        }
+    }
+}
+
+/// Writes `contents` to `path` atomically: a new temporary file beside it,
+/// `.NAME.tmp-XXXXXX`, created exclusively (so nothing planted at any name
+/// is followed, truncated or written), fsync, rename over `path` (which
+/// replaces a symbolic link there, never writes through it), fsync of the
+/// dir. A crash leaves the old content or the new, and at worst a temporary
+/// file, which the next write of `path` removes.
 pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = match path.parent() {
+        Some(dir) if dir != Path::new("") => dir,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("cannot write {}: it names no file", path.display()))?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let prefix = temp_prefix(name);
+    remove_stale_temporaries(dir, &prefix);
     let write = || -> std::io::Result<()> {
-        let mut file = File::create(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .rand_bytes(TEMP_RANDOM)
+            // What File::create gives: 0666 less the umask.
+            .permissions(Permissions::from_mode(0o666))
+            .tempfile_in(dir)?;
+        tmp.write_all(contents)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|err| err.error)?;
         File::open(dir)?.sync_all()
     };
-    write().map_err(|err| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::Error::new(err).context(format!("cannot write {}", path.display()))
-    })
+    write().with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `.NAME.tmp-`: the start of every temporary file name for NAME.
+fn temp_prefix(name: &OsStr) -> std::ffi::OsString {
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".tmp-");
+    prefix
+}
+
+/// Removes the temporary files an interrupted write of the same file left
+/// behind (hail killed between creating one and renaming it). Only regular
+/// files named exactly like them; a link or anything else is left alone.
+/// Whoever writes a file is its only writer at the time (the profile lock
+/// covers the state and metrics files), so none of them is in use.
+fn remove_stale_temporaries(dir: &Path, prefix: &OsStr) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let is_temporary = name
+            .as_encoded_bytes()
+            .strip_prefix(prefix.as_encoded_bytes())
+            .is_some_and(|random| {
+                random.len() == TEMP_RANDOM && random.iter().all(u8::is_ascii_alphanumeric)
+            });
+        // DirEntry::file_type does not follow a link.
+        if is_temporary && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => log::info!("removed {}, left by an interrupted write", path.display()),
+                Err(err) => log::warn!("cannot remove {} ({err})", path.display()),
+            }
+        }
+    }
 }
 
 /// Seconds since the Unix epoch.
@@ -326,5 +464,27 @@ mod tests {
         assert!(!dir.path().join("hail-profiles%2Fweb.json.corrupt").exists());
         assert_eq!(states.load_for_update(&name), State::default());
         assert!(dir.path().join("hail-profiles%2Fweb.json.corrupt").exists());
+    }
+
+    #[test]
+    fn writes_replace_links_and_remove_stale_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "victim").unwrap();
+        let target = dir.path().join("web.json");
+        std::os::unix::fs::symlink(&victim, &target).unwrap();
+        let stale = dir.path().join(".web.json.tmp-Ab12Cd");
+        std::fs::write(&stale, "stale").unwrap();
+
+        write_atomically(&target, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim");
+        assert!(std::fs::symlink_metadata(&target).unwrap().is_file());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+        assert!(!stale.exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 }
