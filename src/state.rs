@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use rustix::fs::OFlags;
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::profile::ProfileName;
 
@@ -129,7 +130,7 @@ impl StateDir {
                 return State::default();
             }
         };
-        match serde_json::from_slice(&text) {
+        match parse_state(&text) {
             Ok(state) => state,
             Err(err) => {
                 let kept = if keep_corrupt_aside {
@@ -176,6 +177,51 @@ impl StateDir {
             .collect();
         names.sort();
         Ok(names)
+    }
+}
+
+/// A state document: a JSON object that serde reads as a [`State`], every
+/// field of the JSON type hail writes. serde alone also fills a struct from
+/// an array (`[]` is an empty `State`), which no state hail wrote looks like.
+fn parse_state(text: &[u8]) -> Result<State> {
+    let read: Value = serde_json::from_slice(text)?;
+    let state: State = serde_json::from_value(read.clone())?;
+    if let Some((field, found, wanted)) = mistyped(&read, &serde_json::to_value(&state)?) {
+        let field = match field.as_str() {
+            "" => "the document".to_owned(),
+            field => format!("field {field}"),
+        };
+        bail!("{field} is {}, not {}", json_type(found), json_type(wanted));
+    }
+    Ok(state)
+}
+
+/// The first field (`a.b`; "" for the document itself) whose JSON type in
+/// `read` differs from the one in `written`, with both values. Fields that
+/// only one of them has are not compared.
+fn mistyped<'a>(read: &'a Value, written: &'a Value) -> Option<(String, &'a Value, &'a Value)> {
+    match (read, written) {
+        (Value::Object(read), Value::Object(written)) => read.iter().find_map(|(key, value)| {
+            let (field, found, wanted) = mistyped(value, written.get(key)?)?;
+            let field = match field.as_str() {
+                "" => key.clone(),
+                field => format!("{key}.{field}"),
+            };
+            Some((field, found, wanted))
+        }),
+        _ if std::mem::discriminant(read) == std::mem::discriminant(written) => None,
+        _ => Some((String::new(), read, written)),
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -464,6 +510,43 @@ mod tests {
         assert!(!dir.path().join("hail-profiles%2Fweb.json.corrupt").exists());
         assert_eq!(states.load_for_update(&name), State::default());
         assert!(dir.path().join("hail-profiles%2Fweb.json.corrupt").exists());
+    }
+
+    #[test]
+    fn json_that_is_not_a_state_document_is_corrupt() {
+        // What serde alone does with State (a #[serde(default)] struct): it
+        // fills a struct from an array, so `[]` is an empty state and an array
+        // where a struct belongs is read field by field; other types fail.
+        assert_eq!(
+            serde_json::from_str::<State>("[]").unwrap(),
+            State::default()
+        );
+        let counters: State = serde_json::from_str(r#"{"counters": [3]}"#).unwrap();
+        assert_eq!(counters.counters.deploys, 3);
+        for text in ["3", "\"x\"", "null"] {
+            assert!(serde_json::from_str::<State>(text).is_err(), "{text}");
+        }
+
+        for (text, why) in [
+            ("[]", "the document is an array, not an object"),
+            (
+                r#"{"counters": [3]}"#,
+                "field counters is an array, not an object",
+            ),
+            (
+                r#"{"deployed": {"build_id": 1, "store_path": "/nix/store/x", "generation": null,
+                    "job": "j", "at": 0, "activation": "done", "previous": [null, "/nix/store/y", null]}}"#,
+                "field deployed.previous is an array, not an object",
+            ),
+            ("3", "invalid type: integer `3`, expected struct State"),
+            ("null", "invalid type: null, expected struct State"),
+        ] {
+            let err = parse_state(text.as_bytes()).unwrap_err();
+            assert!(format!("{err:#}").contains(why), "{text}: {err:#}");
+        }
+        // Unknown fields (a newer hail's) and missing ones are no reason.
+        let state = parse_state(br#"{"counters": {"deploys": 2}, "future": [1]}"#).unwrap();
+        assert_eq!(state.counters.deploys, 2);
     }
 
     #[test]

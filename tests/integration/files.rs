@@ -4,8 +4,9 @@
 //! manifests of `hail service`/`hail manager`, and the temporary names the
 //! previous implementation used (`STEM.tmp.PID`, planted by a script hail runs,
 //! which knows hail's pid as `$PPID`) — never makes hail create, truncate or
-//! write the file it points to. Also: stale temporary files are removed, and
-//! a corrupt state file's copy never replaces an earlier one.
+//! write the file it points to. Also: stale temporary files are removed, a
+//! corrupt state file's copy never replaces an earlier one, and a state file
+//! that is JSON but not a state document is set aside as corrupt.
 
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
@@ -276,6 +277,43 @@ fn stale_temporary_files_are_removed() {
         assert!(exists(path), "{} was removed\n{run:?}", path.display());
     }
     victim.assert_untouched(&run);
+}
+
+#[test]
+fn state_that_is_json_but_not_a_state_is_set_aside() {
+    let world = World::new();
+    world.publish("a");
+    assert_exit(&world.pass(&[]), 0);
+    let state = world.state_dir().join("web.json");
+    let aside = world.state_dir().join("web.json.corrupt");
+    for text in [
+        "[]",
+        "3",
+        "\"x\"",
+        "null",
+        r#"{"counters": []}"#,
+        r#"{"deployed": "x"}"#,
+    ] {
+        std::fs::write(&state, text).unwrap();
+        // Reading only: reported, left where it is.
+        let mut status = world.bare_hail();
+        status
+            .arg("status")
+            .arg("--state-dir")
+            .arg(world.state_dir());
+        let run = world.run(status);
+        assert_exit(&run, 0);
+        assert!(run.stderr.contains("is corrupt"), "{text}: {run:?}");
+        assert_eq!(std::fs::read_to_string(&state).unwrap(), text);
+        assert!(!exists(&aside), "{text}: status set it aside");
+
+        let run = world.pass(&[]);
+        assert_exit(&run, 0);
+        assert!(run.stderr.contains("is corrupt"), "{text}: {run:?}");
+        assert_eq!(std::fs::read_to_string(&aside).unwrap(), text, "{run:?}");
+        assert_eq!(state_json(&world)["deployed"]["activation"], "done");
+        std::fs::remove_file(&aside).unwrap();
+    }
 }
 
 /// A `systemctl` stand-in first on PATH that records its arguments.
