@@ -59,6 +59,7 @@
           checkFlags = map (area: "--skip=${area}::") [
             "pass"
             "faults"
+            "files"
             "observe"
             "systemd"
             "services"

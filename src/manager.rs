@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::hydra::JobUri;
 use crate::process;
 use crate::profile::ProfileName;
-use crate::state::write_atomically;
+use crate::state::{read_own_list, write_atomically};
 
 /// One instance as a manager profile lists it (`share/hail/instances.json`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -61,8 +61,7 @@ impl Manager {
     }
 
     fn managed(&self) -> Vec<ProfileName> {
-        std::fs::read_to_string(self.manifest())
-            .unwrap_or_default()
+        read_own_list(&self.manifest())
             .lines()
             .filter_map(|l| ProfileName::parse(l).ok())
             .collect()
@@ -164,7 +163,9 @@ impl Manager {
             .iter()
             .map(|(k, v)| format!("{k}={}\n", quote_env(v)))
             .collect();
-        write_atomically(&self.env_file(profile), text.as_bytes())?;
+        let env_file = self.env_file(profile);
+        create_own_dirs(&self.config_dir, &env_file)?;
+        write_atomically(&env_file, text.as_bytes())?;
 
         let dropin = self.timer_dropin(profile);
         match &instance.poll_period {
@@ -176,6 +177,7 @@ impl Manager {
                 let conf = format!(
                     "[Timer]\nOnUnitInactiveSec=\nOnBootSec=1min\nOnUnitInactiveSec={period}\n"
                 );
+                create_own_dirs(&self.unit_dir, &dropin)?;
                 write_atomically(&dropin, conf.as_bytes())?;
             }
             None => remove_file(&dropin)?,
@@ -214,6 +216,36 @@ impl Manager {
 /// A value for an `EnvironmentFile=`: double-quoted, with `\` and `"` escaped.
 fn quote_env(value: &str) -> String {
     format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Creates the directories between `base` (the admin's choice, which may be
+/// a link) and `file`: hail makes them, so a symbolic link at one of them was
+/// planted, and through it hail would write its file into another directory.
+fn create_own_dirs(base: &Path, file: &Path) -> Result<()> {
+    let Some(between) = file.parent().and_then(|dir| dir.strip_prefix(base).ok()) else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(base).with_context(|| format!("cannot create {}", base.display()))?;
+    let mut dir = base.to_path_buf();
+    for part in between.components() {
+        dir.push(part);
+        match std::fs::create_dir(&dir) {
+            Err(err) if err.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(err).with_context(|| format!("cannot create {}", dir.display()));
+            }
+            _ => {}
+        }
+        let meta = dir
+            .symlink_metadata()
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        if meta.is_symlink() {
+            bail!(
+                "{} is a symbolic link, not a directory hail made; remove it",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn remove_file(path: &Path) -> Result<()> {

@@ -14,6 +14,7 @@ use crate::hydra::{self, Build};
 use crate::metrics;
 use crate::profile::Profile;
 use crate::report::{self, About, message_id};
+use crate::state::Prepared;
 use crate::state::{
     self, ActivationState, Check, Deployment, FailedBuild, Hold, LastError, Previous, Rollback,
     State, StateDir, Waiting,
@@ -191,6 +192,13 @@ impl Pass {
             match result {
                 // The pass's own error says more; the state is secondary.
                 Err(_) => log::warn!("{err:#}"),
+                // The profile changed: exit 1 ("nothing changed") would be false.
+                Ok(Outcome::Deployed | Outcome::Reactivated) => report::event(
+                    Level::Error,
+                    message_id::ERROR,
+                    About::default(),
+                    format_args!("the deployment succeeded, but {err:#}"),
+                ),
                 Ok(_) => return Err(err),
             }
         }
@@ -399,7 +407,7 @@ impl Pass {
                         build.id
                     ),
                 );
-                self.activate(state, &build).map(|_| Outcome::Reactivated)
+                self.activate(state, &build, Outcome::Reactivated)
             }
             Plan::RetryActivation(deployed) => {
                 report::event(
@@ -647,7 +655,7 @@ impl Pass {
         if let Some(deployed) = &mut state.deployed {
             deployed.generation = self.profile.current_generation();
         }
-        self.activate(state, build)?;
+        self.activate(state, build, Outcome::Deployed)?;
         if let Some(keep) = self.keep_generations {
             self.prune(state, keep);
         }
@@ -681,9 +689,13 @@ impl Pass {
     }
 
     /// Runs the deployed build's activate; rolls back if it fails.
-    fn activate(&self, state: &mut State, build: &Build) -> Result<()> {
+    fn activate(&self, state: &mut State, build: &Build, outcome: Outcome) -> Result<Outcome> {
         report::status(&format!("activating build {}", build.id));
         self.step.set(Step::Activation);
+        // What the state says if activate succeeds, written now: should
+        // activate fill the disk, the rename that commits it needs no space,
+        // and the next pass does not run the same activation again.
+        let success = self.prepare_success(state, build, outcome);
         let previous = state
             .deployed
             .as_ref()
@@ -711,15 +723,29 @@ impl Pass {
                     About::build(build.id, build.out_path.as_str()),
                     format_args!("deployed build {} ({}){note}", build.id, build.out_path),
                 );
-                if let Some(deployed) = &mut state.deployed {
-                    deployed.activation = ActivationState::Done;
+                mark_activated(state);
+                if let Some(Err(err)) = success.map(Prepared::commit) {
+                    log::warn!("{err:#}");
                 }
-                state.failed = None;
                 report::status(&format!("deployed build {}", build.id));
-                Ok(())
+                Ok(outcome)
             }
             Activation::Failed(failure) => Err(self.roll_back(state, build, failure)),
         }
+    }
+
+    /// The state as this pass saves it if activating `build` succeeds,
+    /// prepared for [`Prepared::commit`]; `None` if it cannot be written now
+    /// (the final save tries again).
+    fn prepare_success(&self, state: &State, build: &Build, outcome: Outcome) -> Option<Prepared> {
+        let mut success = state.clone();
+        mark_activated(&mut success);
+        success.waiting = None;
+        self.record(&mut success, &Ok(outcome), Some(build.id));
+        self.state
+            .prepare(&self.profile.name, &success)
+            .map_err(|err| log::warn!("{err:#}"))
+            .ok()
     }
 
     /// Puts the previous generation back (or removes a profile that had
@@ -1001,6 +1027,15 @@ fn adopt_profile(
         activation_failures: 0,
         previous: None,
     });
+}
+
+/// The deployment's activation succeeded.
+fn mark_activated(state: &mut State) {
+    if let Some(deployed) = &mut state.deployed {
+        deployed.activation = ActivationState::Done;
+        deployed.activation_failures = 0;
+    }
+    state.failed = None;
 }
 
 /// Failed activations of one deployment in a row after which the passes

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::process;
-use crate::state::write_atomically;
+use crate::state::{read_own_file, read_own_list, write_atomically};
 
 /// Where a service profile's pieces are, relative to the profile.
 const UNITS: &str = "lib/systemd/system";
@@ -68,21 +68,11 @@ impl Service {
     }
 
     fn pending_restarts(&self) -> BTreeSet<String> {
-        std::fs::read_to_string(self.pending_file())
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| valid_unit_name(l))
-            .map(str::to_owned)
-            .collect()
+        unit_list(&self.pending_file()).into_iter().collect()
     }
 
     fn installed_units(&self) -> Vec<String> {
-        std::fs::read_to_string(self.manifest())
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| valid_unit_name(l))
-            .map(str::to_owned)
-            .collect()
+        unit_list(&self.manifest())
     }
 
     pub fn activate(&self, profile: &Path, health_timeout: Duration) -> Result<Changes> {
@@ -100,10 +90,13 @@ impl Service {
             .with_context(|| format!("cannot create {}", self.unit_dir.display()))?;
         let mut changes = Changes::default();
         for (name, content) in &wanted {
-            match std::fs::read(self.unit_dir.join(name)) {
+            // A link there (a runtime mask, say) is replaced by the unit itself.
+            match read_own_file(&self.unit_dir.join(name)) {
                 Ok(old) if &old == content => {}
-                Ok(_) => changes.changed.push(name.clone()),
-                Err(_) => changes.installed.push(name.clone()),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    changes.installed.push(name.clone());
+                }
+                _ => changes.changed.push(name.clone()),
             }
         }
         // Restarts owed by an activation interrupted after it wrote units,
@@ -197,8 +190,7 @@ impl Service {
             if path == mine || !file.starts_with(".hail-service-") || !file.ends_with(".units") {
                 continue;
             }
-            let theirs = std::fs::read_to_string(&path).unwrap_or_default();
-            if let Some(unit) = theirs.lines().find(|u| wanted.contains_key(*u)) {
+            if let Some(unit) = unit_list(&path).iter().find(|u| wanted.contains_key(*u)) {
                 bail!(
                     "unit {unit} is already installed by another service profile ({}); \
                      a unit can belong to one service profile only",
@@ -219,6 +211,15 @@ fn valid_unit_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c))
+}
+
+/// The valid unit names in a list hail wrote (a manifest, the restart list).
+fn unit_list(path: &Path) -> Vec<String> {
+    read_own_list(path)
+        .lines()
+        .filter(|l| valid_unit_name(l))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Units in a profile's `lib/systemd/system`, by name, with their content.

@@ -2,18 +2,30 @@
 //! profile from interleaving, and the JSON document that remembers what hail
 //! deployed, what failed, and how the last pass went.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions, Permissions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use rustix::fs::OFlags;
+use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::profile::ProfileName;
 
 /// How often a waiting pass retries the lock.
 const LOCK_RETRY: Duration = Duration::from_millis(50);
+
+/// How many corrupt copies of one state file are kept:
+/// `PROFILE.json.corrupt`, then `PROFILE.json.corrupt.1` and so on.
+const CORRUPT_COPIES: usize = 10;
+
+/// Random characters in a temporary file's name (`.NAME.tmp-XXXXXX`).
+const TEMP_RANDOM: usize = 6;
 
 /// The state dir: `--state-dir`, `$STATE_DIRECTORY` (systemd's
 /// `StateDirectory=`), or `/var/lib/hail`.
@@ -49,12 +61,11 @@ impl StateDir {
         std::fs::create_dir_all(&self.0)
             .with_context(|| format!("cannot create state dir {}", self.0.display()))?;
         let path = self.file(profile, "lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("cannot open lock file {}", path.display()))?;
+        let file = open_own(
+            &path,
+            OpenOptions::new().create(true).truncate(false).write(true),
+        )
+        .with_context(|| format!("cannot open lock file {}", path.display()))?;
         let deadline = Instant::now() + wait;
         let mut announced = false;
         loop {
@@ -108,7 +119,7 @@ impl StateDir {
 
     fn read(&self, profile: &ProfileName, keep_corrupt_aside: bool) -> State {
         let path = self.state_file(profile);
-        let text = match std::fs::read(&path) {
+        let text = match read_own_file(&path) {
             Ok(text) => text,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return State::default(),
             Err(err) => {
@@ -119,17 +130,19 @@ impl StateDir {
                 return State::default();
             }
         };
-        match serde_json::from_slice(&text) {
+        match parse_state(&text) {
             Ok(state) => state,
             Err(err) => {
-                let aside = path.with_extension("json.corrupt");
-                let kept = if keep_corrupt_aside && std::fs::rename(&path, &aside).is_ok() {
-                    format!(" (the old file is {})", aside.display())
+                let kept = if keep_corrupt_aside {
+                    match set_aside(&path) {
+                        Ok(aside) => format!(" (the old file is {})", aside.display()),
+                        Err(why) => format!(" (not kept: {why:#})"),
+                    }
                 } else {
                     String::new()
                 };
                 log::warn!(
-                    "state file {} is corrupt ({err}); starting from an empty state{kept}",
+                    "state file {} is corrupt ({err:#}); starting from an empty state{kept}",
                     path.display()
                 );
                 State::default()
@@ -140,9 +153,15 @@ impl StateDir {
     /// Writes the state atomically: a temporary file, fsync, rename, fsync
     /// of the dir. A crash leaves the old state or the new one, never half.
     pub fn save(&self, profile: &ProfileName, state: &State) -> Result<()> {
+        self.prepare(profile, state)?.commit()
+    }
+
+    /// The state, written to its temporary file only, for a later
+    /// [`Prepared::commit`] that needs no free space.
+    pub fn prepare(&self, profile: &ProfileName, state: &State) -> Result<Prepared> {
         let path = self.state_file(profile);
         let json = serde_json::to_vec_pretty(state).context("cannot serialise state")?;
-        write_atomically(&path, &json)
+        prepare_atomically(&path, &json)
     }
 
     /// Every profile with a state file, for `hail status`.
@@ -167,21 +186,224 @@ impl StateDir {
     }
 }
 
+/// A state document: a JSON object that serde reads as a [`State`], every
+/// field of the JSON type hail writes. serde alone also fills a struct from
+/// an array (`[]` is an empty `State`), which no state hail wrote looks like.
+fn parse_state(text: &[u8]) -> Result<State> {
+    let read: Value = serde_json::from_slice(text)?;
+    let state: State = serde_json::from_value(read.clone())?;
+    if let Some((field, found, wanted)) = mistyped(&read, &serde_json::to_value(&state)?) {
+        let field = match field.as_str() {
+            "" => "the document".to_owned(),
+            field => format!("field {field}"),
+        };
+        bail!("{field} is {}, not {}", json_type(found), json_type(wanted));
+    }
+    Ok(state)
+}
+
+/// The first field (`a.b`; "" for the document itself) whose JSON type in
+/// `read` differs from the one in `written`, with both values. Fields that
+/// only one of them has are not compared.
+fn mistyped<'a>(read: &'a Value, written: &'a Value) -> Option<(String, &'a Value, &'a Value)> {
+    match (read, written) {
+        (Value::Object(read), Value::Object(written)) => read.iter().find_map(|(key, value)| {
+            let (field, found, wanted) = mistyped(value, written.get(key)?)?;
+            let field = match field.as_str() {
+                "" => key.clone(),
+                field => format!("{key}.{field}"),
+            };
+            Some((field, found, wanted))
+        }),
+        _ if std::mem::discriminant(read) == std::mem::discriminant(written) => None,
+        _ => Some((String::new(), read, written)),
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Keeps a corrupt state file for a person to look at, under the first free
+/// name of `PROFILE.json.corrupt`, `PROFILE.json.corrupt.1`, …: an earlier
+/// copy, or anything planted at those names, is never replaced.
+fn set_aside(path: &Path) -> Result<PathBuf> {
+    for n in 0..CORRUPT_COPIES {
+        let extension = match n {
+            0 => "json.corrupt".to_owned(),
+            n => format!("json.corrupt.{n}"),
+        };
+        let aside = path.with_extension(extension);
+        // A hard link, unlike a rename, fails if the new name exists.
+        match std::fs::hard_link(path, &aside) {
+            Ok(()) => {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+                return Ok(aside);
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("cannot link it to {}", aside.display()));
+            }
+        }
+    }
+    bail!(
+        "{CORRUPT_COPIES} corrupt copies of {} exist already; remove old ones",
+        path.display()
+    )
+}
+
+/// Flags for opening the files hail keeps: a symbolic link at the name is not
+/// followed (hail never makes one, and through it hail, as root, would read
+/// or write any file), and a FIFO planted there cannot block the open.
+fn own_file_flags() -> i32 {
+    // O_NOFOLLOW | O_NONBLOCK fit an i32 (std's custom_flags type).
+    (OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32
+}
+
+/// Opens one of hail's own files (the lock, the state, a manifest), which
+/// must be a regular file and not a symbolic link.
+fn open_own(path: &Path, options: &mut OpenOptions) -> std::io::Result<File> {
+    let file = options
+        .custom_flags(own_file_flags())
+        .open(path)
+        .map_err(|err| match Errno::from_io_error(&err) {
+            Some(Errno::LOOP) => std::io::Error::other(
+                "it is a symbolic link, which hail does not follow; remove it",
+            ),
+            _ => err,
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("it is not a regular file; remove it"));
+    }
+    Ok(file)
+}
+
+/// The content of a file hail wrote itself, read without following a link.
+pub fn read_own_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut content = Vec::new();
+    open_own(path, OpenOptions::new().read(true))?.read_to_end(&mut content)?;
+    Ok(content)
+}
+
+/// The text of a list hail wrote itself (a manifest): empty if there is
+/// none, and if it cannot be read, reported and empty.
+pub fn read_own_list(path: &Path) -> String {
+    match read_own_file(path) {
+        Ok(content) => String::from_utf8_lossy(&content).into_owned(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(err) => {
+            log::warn!("ignoring {} ({err})", path.display());
+            String::new()
+        }
+    }
+}
+
+/// Writes `contents` to `path` atomically: a new temporary file beside it,
+/// `.NAME.tmp-XXXXXX`, created exclusively (so nothing planted at any name
+/// is followed, truncated or written), fsync, rename over `path` (which
+/// replaces a symbolic link there, never writes through it), fsync of the
+/// dir. A crash leaves the old content or the new, and at worst a temporary
+/// file, which the next write of `path` removes.
 pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut file = File::create(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+    prepare_atomically(path, contents)?.commit()
+}
+
+/// The first half of [`write_atomically`]: the new content, durable in its
+/// temporary file, which [`Prepared::commit`] renames into place. A rename
+/// needs no free space, so content prepared before a step that may fill the
+/// disk can still be committed after it. Dropped uncommitted, the temporary
+/// file is removed.
+pub fn prepare_atomically(path: &Path, contents: &[u8]) -> Result<Prepared> {
+    let dir = match path.parent() {
+        Some(dir) if dir != Path::new("") => dir,
+        _ => Path::new("."),
     };
-    write().map_err(|err| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::Error::new(err).context(format!("cannot write {}", path.display()))
+    let name = path
+        .file_name()
+        .with_context(|| format!("cannot write {}: it names no file", path.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let prefix = temp_prefix(name);
+    remove_stale_temporaries(dir, &prefix);
+    let write = || -> std::io::Result<tempfile::NamedTempFile> {
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .rand_bytes(TEMP_RANDOM)
+            // What File::create gives: 0666 less the umask.
+            .permissions(Permissions::from_mode(0o666))
+            .tempfile_in(dir)?;
+        tmp.write_all(contents)?;
+        tmp.as_file().sync_all()?;
+        Ok(tmp)
+    };
+    let tmp = write().with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(Prepared {
+        tmp,
+        path: path.to_owned(),
+        dir: dir.to_owned(),
     })
+}
+
+/// New content for a file, waiting in its temporary file; see [`prepare_atomically`].
+#[derive(Debug)]
+pub struct Prepared {
+    tmp: tempfile::NamedTempFile,
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+impl Prepared {
+    /// Renames the new content into place and makes the rename durable.
+    pub fn commit(self) -> Result<()> {
+        let Self { tmp, path, dir } = self;
+        tmp.persist(&path)
+            .map_err(|err| err.error)
+            .and_then(|_| File::open(&dir)?.sync_all())
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+/// `.NAME.tmp-`: the start of every temporary file name for NAME.
+fn temp_prefix(name: &OsStr) -> std::ffi::OsString {
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".tmp-");
+    prefix
+}
+
+/// Removes the temporary files an interrupted write of the same file left
+/// behind (hail killed between creating one and renaming it). Only regular
+/// files named exactly like them; a link or anything else is left alone.
+/// Whoever writes a file is its only writer at the time (the profile lock
+/// covers the state and metrics files), so none of them is in use.
+fn remove_stale_temporaries(dir: &Path, prefix: &OsStr) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let is_temporary = name
+            .as_encoded_bytes()
+            .strip_prefix(prefix.as_encoded_bytes())
+            .is_some_and(|random| {
+                random.len() == TEMP_RANDOM && random.iter().all(u8::is_ascii_alphanumeric)
+            });
+        // DirEntry::file_type does not follow a link.
+        if is_temporary && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => log::info!("removed {}, left by an interrupted write", path.display()),
+                Err(err) => log::warn!("cannot remove {} ({err})", path.display()),
+            }
+        }
+    }
 }
 
 /// Seconds since the Unix epoch.
@@ -363,5 +585,64 @@ mod tests {
         assert!(!dir.path().join("hail-profiles%2Fweb.json.corrupt").exists());
         assert_eq!(states.load_for_update(&name), State::default());
         assert!(dir.path().join("hail-profiles%2Fweb.json.corrupt").exists());
+    }
+
+    #[test]
+    fn json_that_is_not_a_state_document_is_corrupt() {
+        // What serde alone does with State (a #[serde(default)] struct): it
+        // fills a struct from an array, so `[]` is an empty state and an array
+        // where a struct belongs is read field by field; other types fail.
+        assert_eq!(
+            serde_json::from_str::<State>("[]").unwrap(),
+            State::default()
+        );
+        let counters: State = serde_json::from_str(r#"{"counters": [3]}"#).unwrap();
+        assert_eq!(counters.counters.deploys, 3);
+        for text in ["3", "\"x\"", "null"] {
+            assert!(serde_json::from_str::<State>(text).is_err(), "{text}");
+        }
+
+        for (text, why) in [
+            ("[]", "the document is an array, not an object"),
+            (
+                r#"{"counters": [3]}"#,
+                "field counters is an array, not an object",
+            ),
+            (
+                r#"{"deployed": {"build_id": 1, "store_path": "/nix/store/x", "generation": null,
+                    "job": "j", "at": 0, "activation": "done", "previous": [null, "/nix/store/y", null]}}"#,
+                "field deployed.previous is an array, not an object",
+            ),
+            ("3", "invalid type: integer `3`, expected struct State"),
+            ("null", "invalid type: null, expected struct State"),
+        ] {
+            let err = parse_state(text.as_bytes()).unwrap_err();
+            assert!(format!("{err:#}").contains(why), "{text}: {err:#}");
+        }
+        // Unknown fields (a newer hail's) and missing ones are no reason.
+        let state = parse_state(br#"{"counters": {"deploys": 2}, "future": [1]}"#).unwrap();
+        assert_eq!(state.counters.deploys, 2);
+    }
+
+    #[test]
+    fn writes_replace_links_and_remove_stale_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "victim").unwrap();
+        let target = dir.path().join("web.json");
+        std::os::unix::fs::symlink(&victim, &target).unwrap();
+        let stale = dir.path().join(".web.json.tmp-Ab12Cd");
+        std::fs::write(&stale, "stale").unwrap();
+
+        write_atomically(&target, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim");
+        assert!(std::fs::symlink_metadata(&target).unwrap().is_file());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+        assert!(!stale.exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 }

@@ -846,3 +846,72 @@ fn boot_activation_refuses_a_profile_deployed_from_another_job() {
     assert!(run.stderr.contains("not from"), "{run:?}");
     assert_eq!(world.activations().len(), 1);
 }
+
+#[test]
+fn a_full_disk_after_the_switch_does_not_make_the_exit_status_lie() {
+    let (world, _) = deployed_a();
+    let state_dir = world.state_dir();
+    // b's activate fills the state dir's file system: the pass's final save fails.
+    let (_, b) = publish_b(
+        &world,
+        &format!(
+            "dd if=/dev/zero of={state}/filler bs=4k 2>/dev/null
+             echo probe >{state}/probe || touch {full}; rm -f {state}/probe",
+            state = state_dir.display(),
+            full = world.path("disk-was-full").display()
+        ),
+    );
+    // Both passes in one mount namespace, on a small tmpfs over the state dir
+    // (copied in first), as a full /var would be.
+    let hail = world.hail();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "set -u; state=$1; out=$2; shift 2
+             cp -a \"$state\" \"$out/state-before\"
+             mount -t tmpfs -o size=256k hail-test \"$state\" || exit 90
+             cp -a \"$out/state-before/.\" \"$state/\"
+             \"$@\" 2>\"$out/stderr1\"; echo $? >\"$out/rc1\"
+             rm -f \"$state/filler\"
+             \"$@\" 2>\"$out/stderr2\"; echo $? >\"$out/rc2\"
+             cp \"$state/web.json\" \"$out/state-after\"",
+        )
+        .arg("sh")
+        .arg(&state_dir)
+        .arg(world.tmp.path())
+        .arg(hail.get_program())
+        .args(hail.get_args());
+    for (key, value) in hail.get_envs() {
+        match value {
+            Some(value) => cmd.env(key, value),
+            None => cmd.env_remove(key),
+        };
+    }
+    let run = world.run(cmd);
+    assert_exit(&run, 0);
+    let read = |name: &str| {
+        std::fs::read_to_string(world.path(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let stderr1 = read("stderr1");
+    assert_eq!(
+        read("rc1").trim(),
+        "0",
+        "deployed, whatever the save said:\n{stderr1}"
+    );
+    assert!(world.path("disk-was-full").exists(), "{stderr1}");
+    assert_eq!(world.profile_target().as_deref(), Some(b.as_str()));
+    assert_eq!(read("rc2").trim(), "0", "{}", read("stderr2"));
+    assert!(
+        read("stderr2").contains("up to date"),
+        "{}",
+        read("stderr2")
+    );
+    let b_runs = world
+        .activations()
+        .iter()
+        .filter(|l| l.starts_with("label=b "))
+        .count();
+    assert_eq!(b_runs, 1, "the second pass activated b again");
+    let saved: Value = serde_json::from_str(&read("state-after")).unwrap();
+    assert_eq!(saved["deployed"]["activation"], json!("done"));
+}
