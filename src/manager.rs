@@ -54,24 +54,60 @@ pub struct Manager {
     pub profiles_dir: PathBuf,
 }
 
+/// An instance from the manager's list: its unit instance name (what
+/// `hail@NAME` is started as) and the profile it deploys, both validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listed {
+    pub profile: ProfileName,
+    pub instance: Instance,
+}
+
+/// A unit instance name that needs no systemd escaping, so that `%i` in the
+/// units is the name as typed (the rule the NixOS module applies too).
+fn valid_instance_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c))
+}
+
 impl Manager {
-    /// The instances this manager set up, remembered beside their env files.
+    /// The instances this manager set up, `NAME PROFILE` a line, remembered
+    /// beside their env files.
     fn manifest(&self) -> PathBuf {
         self.config_dir.join(".hail-manager.instances")
     }
 
-    fn managed(&self) -> Vec<ProfileName> {
+    fn managed(&self) -> BTreeMap<String, ProfileName> {
         read_own_list(&self.manifest())
             .lines()
-            .filter_map(|l| ProfileName::parse(l).ok())
+            .filter_map(|line| {
+                // An older manifest lists the profile alone.
+                let (name, profile) = line.split_once(' ').unwrap_or((line, line));
+                let profile = ProfileName::parse(profile).ok()?;
+                if !valid_instance_name(name) {
+                    log::warn!(
+                        "manager: cannot take down instance {name:?} (not a plain unit instance \
+                         name); disable hail@ and hail-activate@ for it by hand"
+                    );
+                    return None;
+                }
+                Some((name.to_owned(), profile))
+            })
             .collect()
     }
 
-    pub fn parse_instances(json: &str) -> Result<BTreeMap<ProfileName, Instance>> {
+    pub fn parse_instances(json: &str) -> Result<BTreeMap<String, Listed>> {
         let raw: BTreeMap<String, Instance> =
             serde_json::from_str(json).context("the manager's instance list is not valid")?;
-        let mut instances = BTreeMap::new();
+        let mut instances: BTreeMap<String, Listed> = BTreeMap::new();
         for (name, instance) in raw {
+            if !valid_instance_name(&name) {
+                bail!(
+                    "instance {name:?}: the name becomes the unit hail@{name}.service, so it may \
+                     only contain letters, digits and \"_.:-\"; set the profile with \"profile\""
+                );
+            }
             let profile = ProfileName::parse(instance.profile.as_deref().unwrap_or(&name))
                 .map_err(|e| anyhow!("instance {name:?}: {e}"))?;
             JobUri::parse(&instance.job_uri).map_err(|e| anyhow!("instance {name:?}: {e}"))?;
@@ -85,29 +121,35 @@ impl Manager {
                     );
                 }
             }
-            if instances.insert(profile.clone(), instance).is_some() {
-                bail!("two instances deploy profile {profile}; give each its own profile");
+            if let Some((other, _)) = instances.iter().find(|(_, l)| l.profile == profile) {
+                bail!(
+                    "instances {other:?} and {name:?} both deploy profile {profile}; give each its \
+                     own profile"
+                );
             }
+            instances.insert(name, Listed { profile, instance });
         }
         Ok(instances)
     }
 
-    pub fn activate(&self, instances: &BTreeMap<ProfileName, Instance>) -> Result<()> {
+    pub fn activate(&self, instances: &BTreeMap<String, Listed>) -> Result<()> {
         let before = self.managed();
-        for gone in before.iter().filter(|p| !instances.contains_key(*p)) {
-            self.remove(gone)?;
+        for (gone, profile) in before.iter().filter(|(n, _)| !instances.contains_key(*n)) {
+            self.remove(gone, profile)?;
         }
-        for (profile, instance) in instances {
-            self.install(profile, instance)?;
+        for (name, listed) in instances {
+            self.install(name, listed)?;
         }
-        let manifest: String = instances.keys().map(|p| format!("{p}\n")).collect();
+        let manifest: String = instances
+            .iter()
+            .map(|(name, listed)| format!("{name} {}\n", listed.profile))
+            .collect();
         write_atomically(&self.manifest(), manifest.as_bytes())?;
         systemctl(&["daemon-reload"])?;
-        for (profile, instance) in instances {
-            let unit = profile.systemd_escaped();
-            systemctl(&["enable", "--now", &format!("hail@{unit}.timer")])?;
-            let boot = format!("hail-activate@{unit}.service");
-            if instance.activate_at_boot {
+        for (name, listed) in instances {
+            systemctl(&["enable", "--now", &format!("hail@{name}.timer")])?;
+            let boot = format!("hail-activate@{name}.service");
+            if listed.instance.activate_at_boot {
                 systemctl(&["enable", &boot])?;
             } else {
                 systemctl(&["disable", &boot])?;
@@ -117,43 +159,42 @@ impl Manager {
             // its pass would find the profile up to date and not activate it, so
             // the boot unit does. Not waited for: if the instance is this
             // manager itself, that activation waits for the one running now.
-            let profile_exists = self.profiles_dir.join(profile.as_str()).exists();
-            if !before.contains(profile) && profile_exists {
+            let profile_exists = self.profiles_dir.join(listed.profile.as_str()).exists();
+            if before.get(name) != Some(&listed.profile) && profile_exists {
                 systemctl(&["start", "--no-block", &boot])?;
             }
         }
         log::info!(
             "manager: instances {:?}",
-            instances
-                .keys()
-                .map(ProfileName::as_str)
-                .collect::<Vec<_>>()
+            instances.keys().collect::<Vec<_>>()
         );
         Ok(())
     }
 
     /// Takes down every instance this manager set up.
     pub fn deactivate(&self) -> Result<()> {
-        for profile in self.managed() {
-            self.remove(&profile)?;
+        for (name, profile) in self.managed() {
+            self.remove(&name, &profile)?;
         }
         remove_file(&self.manifest())?;
         systemctl(&["daemon-reload"])
     }
 
-    fn env_file(&self, profile: &ProfileName) -> PathBuf {
-        self.config_dir.join(format!("{profile}.env"))
+    /// `CONFIG_DIR/NAME.env`, which hail@NAME and hail-activate@NAME read.
+    fn env_file(&self, name: &str) -> PathBuf {
+        self.config_dir.join(format!("{name}.env"))
     }
 
-    fn timer_dropin(&self, profile: &ProfileName) -> PathBuf {
+    fn timer_dropin(&self, name: &str) -> PathBuf {
         self.unit_dir
-            .join(format!("hail@{}.timer.d", profile.systemd_escaped()))
+            .join(format!("hail@{name}.timer.d"))
             .join("hail-manager.conf")
     }
 
-    fn install(&self, profile: &ProfileName, instance: &Instance) -> Result<()> {
+    fn install(&self, name: &str, listed: &Listed) -> Result<()> {
+        let instance = &listed.instance;
         let mut env = BTreeMap::new();
-        env.insert("HAIL_PROFILE".to_owned(), profile.to_string());
+        env.insert("HAIL_PROFILE".to_owned(), listed.profile.to_string());
         env.insert("HAIL_JOB_URI".to_owned(), instance.job_uri.clone());
         if let Some(netrc) = &instance.netrc_file {
             env.insert("HAIL_NETRC_FILE".to_owned(), netrc.clone());
@@ -163,15 +204,15 @@ impl Manager {
             .iter()
             .map(|(k, v)| format!("{k}={}\n", quote_env(v)))
             .collect();
-        let env_file = self.env_file(profile);
+        let env_file = self.env_file(name);
         create_own_dirs(&self.config_dir, &env_file)?;
         write_atomically(&env_file, text.as_bytes())?;
 
-        let dropin = self.timer_dropin(profile);
+        let dropin = self.timer_dropin(name);
         match &instance.poll_period {
             Some(period) => {
                 if period.is_empty() || period.chars().any(|c| c.is_control()) {
-                    bail!("instance {profile}: poll period {period:?} is not a time span");
+                    bail!("instance {name}: poll period {period:?} is not a time span");
                 }
                 // The empty assignment resets every trigger, so OnBootSec comes back too.
                 let conf = format!(
@@ -185,15 +226,14 @@ impl Manager {
         Ok(())
     }
 
-    fn remove(&self, profile: &ProfileName) -> Result<()> {
-        let unit = profile.systemd_escaped();
-        log::info!("manager: removing instance {profile}");
+    fn remove(&self, name: &str, profile: &ProfileName) -> Result<()> {
+        log::info!("manager: removing instance {name} (profile {profile})");
         // Stop polling first, so no pass redeploys what is being taken down.
         systemctl(&[
             "disable",
             "--now",
-            &format!("hail@{unit}.timer"),
-            &format!("hail-activate@{unit}.service"),
+            &format!("hail@{name}.timer"),
+            &format!("hail-activate@{name}.service"),
         ])?;
         let deactivate = self
             .profiles_dir
@@ -201,10 +241,10 @@ impl Manager {
             .join("bin/deactivate");
         if deactivate.exists() {
             process::run(Command::new(&deactivate))
-                .with_context(|| format!("deactivating instance {profile}"))?;
+                .with_context(|| format!("deactivating instance {name}"))?;
         }
-        remove_file(&self.env_file(profile))?;
-        let dropin = self.timer_dropin(profile);
+        remove_file(&self.env_file(name))?;
+        let dropin = self.timer_dropin(name);
         remove_file(&dropin)?;
         if let Some(dir) = dropin.parent() {
             let _ = std::fs::remove_dir(dir);
@@ -276,13 +316,15 @@ mod tests {
                 "activateAtBoot": false}}"#,
         )
         .unwrap();
-        let names: Vec<&str> = instances.keys().map(|p| p.as_str()).collect();
-        assert_eq!(names, ["hail-profiles/db", "web"]);
-        assert!(!instances[&ProfileName::parse("hail-profiles/db").unwrap()].activate_at_boot);
+        let names: Vec<&str> = instances.keys().map(String::as_str).collect();
+        assert_eq!(names, ["db", "web"]);
+        assert_eq!(instances["db"].profile.as_str(), "hail-profiles/db");
+        assert!(!instances["db"].instance.activate_at_boot);
 
         for bad in [
             r#"{"web": {"jobUri": "ftp://x/job/p/j/web"}}"#,
             r#"{"../x": {"jobUri": "https://h/job/p/j/web"}}"#,
+            r#"{"a/b": {"jobUri": "https://h/job/p/j/web"}}"#,
             r#"{"a": {"jobUri": "https://h/job/p/j/a", "profile": "x"}, "b": {"jobUri": "https://h/job/p/j/b", "profile": "x"}}"#,
             r#"{"web": {"jobUri": "https://h/job/p/j/web", "pollperiod": "1min"}}"#,
             r#"{"web": {"jobUri": "https://h/job/p/j/web", "environment": {"A B": "x"}}}"#,

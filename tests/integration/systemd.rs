@@ -341,3 +341,53 @@ fn systemctl_status_shows_what_a_pass_is_doing() {
     assert_eq!(c.show(PASS, "Result"), "success");
     assert_eq!(profile_target(c), path);
 }
+
+#[test]
+fn instance_names_are_profile_names_as_typed() {
+    let world = World::new();
+    let (id, path) = publish(&world, "a", &quick_activate("a"));
+    let mut container = install(&world);
+    let job = world.hydra.job_uri(JOB);
+    container.write(
+        "/etc/hail/my-web.env",
+        format!("HAIL_JOB_URI={job}\n"),
+        0o644,
+    );
+    // A profile a unit name cannot carry: any instance name, HAIL_PROFILE in its env file.
+    container.write(
+        "/etc/hail/nested.env",
+        format!("HAIL_JOB_URI={job}\nHAIL_PROFILE=hail-profiles/web\n"),
+        0o644,
+    );
+    container.boot();
+    let c = &container;
+
+    assert_exit(&c.systemctl(&["start", "hail@my-web.service"]), 0);
+    assert_eq!(
+        c.exec(&["readlink", "-f", "/nix/var/nix/profiles/my-web"])
+            .out(),
+        path
+    );
+    assert_exit(&c.exec(&["test", "!", "-e", "/nix/var/nix/profiles/my"]), 0);
+    assert_exit(&c.systemctl(&["start", "hail-activate@my-web.service"]), 0);
+    assert_eq!(
+        c.lines(ACTIVATIONS),
+        [
+            format!("label=a build={id} store={path}"),
+            format!("label=a build={id} store={path}"),
+        ]
+    );
+
+    assert_exit(&c.systemctl(&["start", "hail@nested.service"]), 0);
+    assert_eq!(
+        c.exec(&["readlink", "-f", "/nix/var/nix/profiles/hail-profiles/web"])
+            .out(),
+        path
+    );
+
+    // An instance nobody configured: the boot unit fails as loudly as the pass.
+    for unit in ["hail@nobody.service", "hail-activate@nobody.service"] {
+        assert_ne!(c.systemctl(&["start", unit]).code, Some(0), "{unit}");
+        assert_eq!(c.is_active(unit), "failed", "{unit}");
+    }
+}
