@@ -4,6 +4,7 @@
 //! not follow) and `GET BASE/build/ID`, both on the job URI's own origin
 //! whatever the `Location` header says, so credentials never leave it.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::io::Read;
 use std::path::PathBuf;
@@ -318,9 +319,8 @@ impl Client {
     /// `--wait-for-jobset`: the newest evaluation (of a bounded number) whose
     /// builds all finished successfully and that has a build of this job.
     fn whole_jobset_build(&self, system: Option<&str>) -> Result<Build> {
-        let mut checked = 0;
-        let mut skipped = Vec::new();
-        for page in 1..=MAX_EVAL_PAGES {
+        let mut read = EvalsRead::default();
+        'pages: for page in 1..=MAX_EVAL_PAGES {
             let url = self.job.evals_url(page);
             let listing = self.get_json(&url, MAX_BODY)?;
             let evals = listing
@@ -336,53 +336,91 @@ impl Client {
                 let id = eval.get("id").and_then(Value::as_u64).ok_or_else(|| {
                     anyhow!("an evaluation in {url} has no numeric id: {}", quote(eval))
                 })?;
-                if checked == MAX_EVALS_CHECKED {
-                    bail!(
-                        "none of the newest {MAX_EVALS_CHECKED} evaluations of jobset {}/{} finished \
-                         with every build successful and a build of {} ({}); waiting for one",
-                        self.job.project,
-                        self.job.jobset,
-                        self.job.job,
-                        skipped.join(", ")
-                    );
+                if read.checked == MAX_EVALS_CHECKED {
+                    read.more = true;
+                    break 'pages;
                 }
-                checked += 1;
+                read.checked += 1;
                 let builds_url = self.job.eval_builds_url(id);
                 let builds = self.get_json(&builds_url, MAX_EVAL_BUILDS_BODY)?;
                 let builds = builds.as_array().ok_or_else(|| {
                     anyhow!("Hydra's answer to {builds_url} is not a list of builds")
                 })?;
+                read.job_systems.extend(
+                    builds
+                        .iter()
+                        .filter(|b| b.get("job").and_then(Value::as_str) == Some(&self.job.job))
+                        .filter_map(|b| b.get("system").and_then(Value::as_str))
+                        .map(str::to_owned),
+                );
                 match eval_verdict(builds, &self.job.job, system) {
                     EvalVerdict::Deploy(build) => {
                         let build_id = build.get("id").and_then(Value::as_u64).unwrap_or_default();
-                        if !skipped.is_empty() {
+                        if !read.skipped.is_empty() {
                             log::info!(
-                                "deploying from evaluation {id}; newer evaluations are not complete: {}",
-                                skipped.join(", ")
+                                "deploying from evaluation {id}, not from the newer ones: {}",
+                                read.skipped.join(", ")
                             );
                         }
                         return parse_build(build, build_id, &self.output, &self.store).with_context(|| {
                             format!("Hydra's build {build_id} (in evaluation {id}) cannot be deployed")
                         });
                     }
-                    EvalVerdict::Skip(why) => skipped.push(format!("evaluation {id} {why}")),
+                    EvalVerdict::Skip(why) => read.skipped.push(format!("evaluation {id} {why}")),
                 }
             }
             if listing.get("next").is_none_or(Value::is_null) {
                 break;
             }
         }
-        bail!(
-            "no evaluation of jobset {}/{} has finished with every build successful and a build of {} \
-             ({}); waiting for one",
-            self.job.project,
-            self.job.jobset,
-            self.job.job,
-            if skipped.is_empty() {
-                "it has no evaluations".to_owned()
-            } else {
-                skipped.join(", ")
-            }
+        Err(self.no_whole_jobset(&read, system))
+    }
+
+    /// Why `--wait-for-jobset` found nothing to deploy: a job or system that
+    /// the evaluations do not have is a mistake to fix, the rest is waiting.
+    fn no_whole_jobset(&self, read: &EvalsRead, system: Option<&str>) -> anyhow::Error {
+        let JobUri {
+            project,
+            jobset,
+            job,
+            ..
+        } = &self.job;
+        let checked = read.checked;
+        if checked == 0 {
+            return anyhow!(
+                "no evaluation of jobset {project}/{jobset} has finished with every build \
+                 successful and a build of {job} (it has no evaluations); waiting for one"
+            );
+        }
+        if read.job_systems.is_empty() {
+            return anyhow!(
+                "jobset {project}/{jobset} has no job {job} in its newest {checked} evaluations; \
+                 check the job name in the job URI"
+            );
+        }
+        if let Some(system) = system
+            && !read.job_systems.contains(system)
+        {
+            return anyhow!(
+                "jobset {project}/{jobset} has no build of {job} for {system} in its newest \
+                 {checked} evaluations (only for {}); check --system",
+                read.job_systems
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let which = if read.more {
+            format!("none of the newest {checked} evaluations")
+        } else {
+            "no evaluation".to_owned()
+        };
+        anyhow!(
+            "{which} of jobset {project}/{jobset} finished with every build successful and a \
+             build of {job}{} ({}); waiting for one",
+            system.map(|s| format!(" for {s}")).unwrap_or_default(),
+            read.skipped.join(", ")
         )
     }
 
@@ -391,7 +429,8 @@ impl Client {
         let body = read_body(&mut response, url, limit)?;
         let status = response.status();
         if status != StatusCode::OK {
-            return Err(self.status_error(url, status, &response, &body, None));
+            let location = location(&response);
+            return Err(self.status_error(url, status, &response, &body, location));
         }
         parse_json(&response, &body, url)
     }
@@ -401,10 +440,7 @@ impl Client {
     fn redirect_target(&self, url: &str) -> Result<u64> {
         let mut response = self.get(url)?;
         let status = response.status();
-        let location = response
-            .headers()
-            .get(header::LOCATION)
-            .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
+        let location = location(&response);
         // Read the small "Moved" page so the connection can be reused.
         let body = read_body(&mut response, url, MAX_BODY)?;
         match (status, location) {
@@ -419,19 +455,14 @@ impl Client {
                 })?;
                 if origin.is_some_and(|o| !self.same_origin(&o)) {
                     log::warn!(
-                        "Hydra redirected to {location}, which is not on the job URI's origin {}; \
-                         fetching build {id} from there instead (check the reverse proxy's \
+                        "Hydra redirected to {location}, which is not on the job URI's origin; \
+                         fetching build {id} from {} instead (check the reverse proxy's \
                          X-Forwarded-Host/-Proto headers)",
-                        self.job.base
+                        self.job.build_url(id)
                     );
                 }
                 Ok(id)
             }
-            (StatusCode::MOVED_PERMANENTLY | StatusCode::PERMANENT_REDIRECT, location) => bail!(
-                "Hydra answered {url} with {status}{}: the job URI has moved (renamed jobset?); \
-                 update --job-uri",
-                location.map(|l| format!(" to {l:?}")).unwrap_or_default()
-            ),
             (status, location) => Err(self.status_error(url, status, &response, &body, location)),
         }
     }
@@ -480,9 +511,15 @@ impl Client {
             .map(|m| format!(": {m}"))
             .unwrap_or_default();
         match status {
-            StatusCode::NOT_FOUND => anyhow!(
-                "Hydra has no successful build at {url}{said} (check the job URI, or wait for a build to succeed)"
+            StatusCode::MOVED_PERMANENTLY | StatusCode::PERMANENT_REDIRECT => anyhow!(
+                "Hydra answered {url} with {status}{}: the job URI has moved (renamed jobset?); \
+                 update --job-uri",
+                location.map(|l| format!(" to {l:?}")).unwrap_or_default()
             ),
+            StatusCode::NOT_FOUND => {
+                let answered = format!("{url} answered {status}{said}");
+                self.not_found(&answered, hydra_says.as_deref())
+            }
             StatusCode::UNAUTHORIZED => anyhow!(
                 "{url} requires credentials ({status}){said}: {}",
                 if self.authorization.is_some() {
@@ -492,8 +529,10 @@ impl Client {
                 }
             ),
             StatusCode::FORBIDDEN => anyhow!(
-                "{url} refused access ({status}){said}: a private Hydra needs a reverse proxy with \
-                 HTTP Basic auth and a netrc entry for it (--netrc-file)"
+                "{url} refused access ({status}{said}): a Hydra with `private = 1` refuses every \
+                 request without a login session and ignores HTTP Basic auth, even through a \
+                 proxy, so no netrc entry can help; set `private = 0` and put a reverse proxy \
+                 that authenticates (HTTP Basic, with --netrc-file) in front of Hydra and its cache"
             ),
             _ => {
                 let what = if hydra_says.is_none() && is_html(response) {
@@ -510,6 +549,72 @@ impl Client {
             }
         }
     }
+
+    /// Hydra answers 404 on the same endpoint for a missing jobset and for
+    /// a job without a successful build; only its message tells them apart.
+    fn not_found(&self, answered: &str, hydra_says: Option<&str>) -> anyhow::Error {
+        let JobUri {
+            project,
+            jobset,
+            job,
+            ..
+        } = &self.job;
+        match hydra_says.and_then(Missing::from_message) {
+            Some(Missing::Jobset) => {
+                anyhow!(
+                    "no such jobset {project}/{jobset} on Hydra ({answered}); check the job URI"
+                )
+            }
+            Some(Missing::Project) => {
+                anyhow!("no such project {project} on Hydra ({answered}); check the job URI")
+            }
+            Some(Missing::SuccessfulBuild) => {
+                let system = match &self.selection {
+                    Selection::LatestFor(system) => format!(" for {system}"),
+                    _ => String::new(),
+                };
+                anyhow!(
+                    "Hydra has no successful build of {job}{system} in jobset {project}/{jobset} \
+                     ({answered}); wait for one, or check the job name (Hydra answers the same \
+                     for a job it does not know)"
+                )
+            }
+            None => anyhow!("nothing at {answered}; check the job URI"),
+        }
+    }
+}
+
+/// What Hydra's 404 messages say is missing.
+enum Missing {
+    Jobset,
+    Project,
+    SuccessfulBuild,
+}
+
+impl Missing {
+    /// `Jobset ‘J’ doesn't exist.`, `Project ‘P’ doesn't exist.`, `There is
+    /// no successful build [for platform `S'] to redirect to.`
+    fn from_message(message: &str) -> Option<Self> {
+        if message.starts_with("There is no successful build") {
+            Some(Self::SuccessfulBuild)
+        } else if !message.ends_with(" doesn't exist.") {
+            None
+        } else if message.starts_with("Jobset ") {
+            Some(Self::Jobset)
+        } else if message.starts_with("Project ") {
+            Some(Self::Project)
+        } else {
+            None
+        }
+    }
+}
+
+/// The Location header, if any, as text.
+fn location(response: &Response<ureq::Body>) -> Option<String> {
+    response
+        .headers()
+        .get(header::LOCATION)
+        .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned())
 }
 
 fn describe_transport_error(err: ureq::Error, url: &str) -> anyhow::Error {
@@ -615,10 +720,29 @@ fn eval_verdict<'a>(builds: &'a [Value], job: &str, system: Option<&str>) -> Eva
         b.get("job").and_then(Value::as_str) == Some(job)
             && system.is_none_or(|s| b.get("system").and_then(Value::as_str) == Some(s))
     });
-    match ours {
-        Some(build) => EvalVerdict::Deploy(build),
-        None => EvalVerdict::Skip(format!("has no build of {job}")),
+    match (ours, system) {
+        (Some(build), _) => EvalVerdict::Deploy(build),
+        (None, Some(system))
+            if builds
+                .iter()
+                .any(|b| b.get("job").and_then(Value::as_str) == Some(job)) =>
+        {
+            EvalVerdict::Skip(format!("has no build of {job} for {system}"))
+        }
+        (None, _) => EvalVerdict::Skip(format!("has no build of {job}")),
     }
+}
+
+/// What `--wait-for-jobset` read of the evaluations.
+#[derive(Default)]
+struct EvalsRead {
+    checked: usize,
+    /// More evaluations exist than were read.
+    more: bool,
+    /// Why each evaluation read was not deployed, newest first.
+    skipped: Vec<String>,
+    /// The systems the job has builds for in the evaluations read.
+    job_systems: BTreeSet<String>,
 }
 
 /// Validates a Hydra build object as a finished, successful build with a

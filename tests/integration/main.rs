@@ -6,6 +6,7 @@
 mod bench;
 mod common;
 mod faults;
+mod messages;
 mod nixlib;
 mod nixos;
 mod observe;
