@@ -841,15 +841,11 @@ fn shorten(text: &str) -> String {
     }
 }
 
-/// The roots hail trusts for https: `NIX_SSL_CERT_FILE`, `SSL_CERT_FILE`, or
-/// the system bundle, so a Hydra behind a private CA works like it does for nix.
+/// The roots hail trusts for https: the file `NIX_SSL_CERT_FILE` or
+/// `SSL_CERT_FILE` names, as for nix, so a Hydra behind a private CA works
+/// the same; otherwise the platform's trust store (rustls-platform-verifier:
+/// on Linux, the distribution's CA bundle or `SSL_CERT_DIR`).
 fn tls_config() -> Result<ureq::tls::TlsConfig> {
-    const SYSTEM_BUNDLES: &[&str] = &[
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-        "/etc/ssl/ca-bundle.pem",
-        "/etc/ssl/cert.pem",
-    ];
     let from_env = ["NIX_SSL_CERT_FILE", "SSL_CERT_FILE"]
         .iter()
         .find_map(|var| {
@@ -857,26 +853,14 @@ fn tls_config() -> Result<ureq::tls::TlsConfig> {
                 .filter(|v| !v.is_empty())
                 .map(|v| (*var, PathBuf::from(v)))
         });
-    let (source, file) = match from_env {
-        Some((var, file)) => (var, file),
-        None => (
-            "the system trust store",
-            SYSTEM_BUNDLES
-                .iter()
-                .map(PathBuf::from)
-                .find(|p| p.exists())
-                .ok_or_else(|| {
-                    anyhow!(
-                        "no CA certificates found (looked for {}); install your distribution's \
-                         ca-certificates or set SSL_CERT_FILE",
-                        SYSTEM_BUNDLES.join(", ")
-                    )
-                })?,
-        ),
+    let Some((var, file)) = from_env else {
+        return Ok(ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+            .build());
     };
     let pem = std::fs::read(&file).with_context(|| {
         format!(
-            "cannot read CA certificates {} (from {source})",
+            "cannot read CA certificates {} (from {var})",
             file.display()
         )
     })?;
@@ -887,10 +871,7 @@ fn tls_config() -> Result<ureq::tls::TlsConfig> {
         })
         .collect();
     if certs.is_empty() {
-        bail!(
-            "{} (from {source}) holds no PEM certificates",
-            file.display()
-        );
+        bail!("{} (from {var}) holds no PEM certificates", file.display());
     }
     Ok(ureq::tls::TlsConfig::builder()
         .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
