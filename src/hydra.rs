@@ -14,7 +14,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
 use serde_json::Value;
 use ureq::Agent;
-use ureq::http::{Response, StatusCode, header};
+use ureq::http::{Response, StatusCode, Uri, header};
 
 use crate::store_path::{StoreDir, StorePath};
 
@@ -44,7 +44,16 @@ pub struct JobUri {
 }
 
 impl JobUri {
+    /// Validates a job URI. The error never repeats credentials written into
+    /// it: it ends up in logs.
     pub fn parse(uri: &str) -> Result<Self, String> {
+        // Hydra's project, jobset and job names never contain an '@'.
+        if uri.contains('@') {
+            return Err(format!(
+                "{:?} carries credentials; put them in a netrc file (--netrc-file) instead",
+                without_credentials(uri)
+            ));
+        }
         let expected = || format!("{uri:?} is not a Hydra job URI; expected {EXPECTED_JOB_URI}");
         if uri
             .chars()
@@ -52,14 +61,10 @@ impl JobUri {
         {
             return Err(format!("{} (no spaces, query or fragment)", expected()));
         }
-        let (origin, authority, path) = split_url(uri).map_err(|why| match why {
-            UrlError::Credentials => format!(
-                "{uri:?} carries credentials; put them in a netrc file (--netrc-file) instead"
-            ),
-            UrlError::Invalid => expected(),
-        })?;
-        let Origin { scheme, host, port } = origin;
-        let path = path.trim_end_matches('/');
+        let parsed: Uri = uri.parse().map_err(|_| expected())?;
+        let Origin { scheme, host, port } = origin(&parsed).ok_or_else(expected)?;
+        let authority = parsed.authority().ok_or_else(expected)?;
+        let path = parsed.path().trim_end_matches('/');
         let at = path.rfind("/job/").ok_or_else(expected)?;
         let (prefix, job_part) = (&path[..at], &path[at + "/job/".len()..]);
         let parts: Vec<&str> = job_part.split('/').collect();
@@ -124,52 +129,53 @@ pub struct Origin {
     pub port: u16,
 }
 
-enum UrlError {
-    Credentials,
-    Invalid,
-}
-
-/// `scheme://authority/path…` → its origin, the authority as written, and
-/// the path (possibly empty). Only http(s) URLs without credentials.
-fn split_url(url: &str) -> Result<(Origin, &str, &str), UrlError> {
-    let (scheme, rest) = url.split_once("://").ok_or(UrlError::Invalid)?;
-    let scheme = scheme.to_ascii_lowercase();
+/// The origin of an absolute http(s) URL without credentials. ureq's URI
+/// parser also accepts user info, an empty or non-numeric port (as no port)
+/// and hosts of any characters: none of them are Hydra's.
+fn origin(uri: &Uri) -> Option<Origin> {
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
     let default_port = match scheme.as_str() {
         "http" => 80,
         "https" => 443,
-        _ => return Err(UrlError::Invalid),
+        _ => return None,
     };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    if authority.contains('@') {
-        return Err(UrlError::Credentials);
-    }
-    let (host, port) = split_authority(authority, default_port).ok_or(UrlError::Invalid)?;
-    Ok((Origin { scheme, host, port }, authority, path))
-}
-
-fn split_authority(authority: &str, default_port: u16) -> Option<(String, u16)> {
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (addr, after) = v6.split_once(']')?;
-        (format!("[{addr}]"), after.strip_prefix(':'))
-    } else {
-        match authority.split_once(':') {
-            Some((host, port)) => (host.to_owned(), Some(port)),
-            None => (authority.to_owned(), None),
-        }
-    };
+    let authority = uri.authority()?.as_str();
+    let host = uri.host()?;
     let valid_host = host.len() > 2 && host.starts_with('[')
         || !host.is_empty()
             && host
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c));
-    if !valid_host {
+    if authority.contains('@') || !valid_host {
         return None;
     }
-    let port = match port {
-        None => default_port,
-        Some(p) => p.parse().ok().filter(|p| *p != 0)?,
+    let port = match authority.get(host.len()..)? {
+        "" => default_port,
+        port => port.strip_prefix(':')?.parse().ok().filter(|p| *p != 0)?,
     };
-    Some((host.to_ascii_lowercase(), port))
+    Some(Origin {
+        scheme,
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+/// `uri` with what stands between its scheme and its last `@` (a user and
+/// password) replaced by `…`.
+fn without_credentials(uri: &str) -> String {
+    let scheme_end = uri
+        .split_once("://")
+        .filter(|(scheme, _)| {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        })
+        .map_or(0, |(scheme, _)| scheme.len() + "://".len());
+    match uri.rfind('@') {
+        Some(at) if at >= scheme_end => format!("{}…{}", &uri[..scheme_end], &uri[at..]),
+        _ => uri.to_owned(),
+    }
 }
 
 /// HTTP Basic credentials for the job URI's host.
@@ -664,16 +670,13 @@ fn parse_json(response: &Response<ureq::Body>, body: &[u8], url: &str) -> Result
 /// `…/build/123` (absolute or relative, any query) → (123, the origin if
 /// the Location was absolute).
 fn build_id_from_location(location: &str) -> Option<(u64, Option<Origin>)> {
-    let (origin, path) = if location.contains("://") {
-        let (origin, _, path) = split_url(location).ok()?;
-        (Some(origin), path)
-    } else {
-        (None, location)
+    let uri: Uri = location.parse().ok()?;
+    let origin = match uri.scheme() {
+        Some(_) => Some(origin(&uri)?),
+        None => None,
     };
-    let path = path.split(['?', '#']).next().unwrap_or_default();
-    let id = path.strip_prefix('/').unwrap_or(path);
-    let (_, id) = id.rsplit_once("build/")?;
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) || !path.contains("/build/") {
+    let (_, id) = uri.path().rsplit_once("/build/")?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     Some((id.parse().ok()?, origin))
@@ -910,6 +913,12 @@ mod tests {
         let j = JobUri::parse("http://[::1]:8080/job/a/b/c").unwrap();
         assert_eq!((j.host.as_str(), j.port), ("[::1]", 8080));
 
+        let j = JobUri::parse("HTTPS://Hydra.Example.org/job/p/j/web").unwrap();
+        assert_eq!(
+            (j.scheme.as_str(), j.host.as_str()),
+            ("https", "hydra.example.org")
+        );
+
         for bad in [
             "",
             "hydra.example.org/job/p/j/web",
@@ -921,12 +930,37 @@ mod tests {
             "https:///job/p/j/web",
             "https://hydra:0/job/p/j/web",
             "https://hydra:x/job/p/j/web",
+            "https://hydra:/job/p/j/web",
+            "https://hydra:99999/job/p/j/web",
+            "https://hy!dra/job/p/j/web",
             "https://user:pw@hydra/job/p/j/web",
             "https://hydra/job/p/j/web?x=1",
+            "https://hydra/job/p/j/web#x",
             "https://hydra/job/p/j/we b",
         ] {
             assert!(JobUri::parse(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn credentials_in_a_job_uri_are_refused_without_repeating_them() {
+        for uri in [
+            "https://ci:s3cret@hydra/job/p/j/web",
+            "https://ci:s3c@ret@hydra/job/p/j/web",
+            "https://ci:s3c/ret@hydra/job/p/j/web",
+            "https://ci:s3c ret@hydra/job/p/j/web",
+            "ci:s3cret@hydra/job/p/j/web",
+            "ftp://ci:s3cret@hydra/job/p/j/web",
+        ] {
+            let err = JobUri::parse(uri).unwrap_err();
+            assert!(err.contains("carries credentials"), "{uri}: {err}");
+            assert!(!err.contains("s3c"), "{uri}: {err}");
+        }
+        assert_eq!(
+            JobUri::parse("https://ci:s3cret@hydra/job/p/j/web").unwrap_err(),
+            "\"https://…@hydra/job/p/j/web\" carries credentials; put them in a netrc file \
+             (--netrc-file) instead"
+        );
     }
 
     #[test]
@@ -953,6 +987,9 @@ mod tests {
             "https://h/build/-1",
             "https://h/build/4x",
             "https://h/xbuild/4",
+            "https://u:p@h/build/4",
+            "ftp://h/build/4",
+            "build/4",
             "",
         ] {
             assert_eq!(build_id_from_location(bad), None, "{bad}");
