@@ -250,6 +250,18 @@ pub enum Selection {
     WholeJobset { system: Option<String> },
 }
 
+/// What a [`Client`] asks Hydra for, and how.
+pub struct ClientConfig {
+    pub job: JobUri,
+    /// Sent to the job URI's origin only.
+    pub credentials: Option<Credentials>,
+    pub timeouts: Timeouts,
+    pub store: StoreDir,
+    pub selection: Selection,
+    /// The build output to deploy (`--output`).
+    pub output: String,
+}
+
 pub struct Client {
     agent: Agent,
     job: JobUri,
@@ -261,12 +273,14 @@ pub struct Client {
 
 impl Client {
     pub fn new(
-        job: JobUri,
-        credentials: Option<Credentials>,
-        timeouts: Timeouts,
-        store: StoreDir,
-        selection: Selection,
-        output: String,
+        ClientConfig {
+            job,
+            credentials,
+            timeouts,
+            store,
+            selection,
+            output,
+        }: ClientConfig,
     ) -> Result<Self> {
         let mut config = Agent::config_builder()
             .max_redirects(0)
