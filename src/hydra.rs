@@ -4,7 +4,7 @@
 //! not follow) and `GET BASE/build/ID`, both on the job URI's own origin
 //! whatever the `Location` header says, so credentials never leave it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Read;
 use std::path::PathBuf;
@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
-use serde_json::Value;
+use serde::Deserialize;
+use serde::de::{self, DeserializeOwned, Deserializer, IgnoredAny, Unexpected, Visitor};
 use ureq::Agent;
 use ureq::http::{Response, StatusCode, Uri, header};
 
@@ -231,9 +232,10 @@ impl Timeouts {
 pub struct Build {
     pub id: u64,
     pub out_path: StorePath,
-    /// When the build finished (Unix time), if Hydra says.
+    /// When the build finished (Unix time). `None` means the age is unknown:
+    /// Hydra sent no `stoptime`, `null`, or something that is not a time.
     pub stoptime: Option<u64>,
-    pub system: Option<String>,
+    pub system: String,
 }
 
 /// Which of the job's builds to deploy.
@@ -327,54 +329,48 @@ impl Client {
         let mut read = EvalsRead::default();
         'pages: for page in 1..=MAX_EVAL_PAGES {
             let url = self.job.evals_url(page);
-            let listing = self.get_json(&url, MAX_BODY)?;
-            let evals = listing
-                .get("evals")
-                .and_then(Value::as_array)
-                .ok_or_else(|| {
-                    anyhow!(
-                        "Hydra's answer to {url} has no \"evals\" list: {}",
-                        quote(&listing)
-                    )
-                })?;
-            for eval in evals {
-                let id = eval.get("id").and_then(Value::as_u64).ok_or_else(|| {
-                    anyhow!("an evaluation in {url} has no numeric id: {}", quote(eval))
-                })?;
+            let listing: EvalsPage = self.get_json(&url, MAX_BODY, "a list of evaluations")?;
+            for eval in listing.evals {
                 if read.checked == MAX_EVALS_CHECKED {
                     read.more = true;
                     break 'pages;
                 }
                 read.checked += 1;
-                let builds_url = self.job.eval_builds_url(id);
-                let builds = self.get_json(&builds_url, MAX_EVAL_BUILDS_BODY)?;
-                let builds = builds.as_array().ok_or_else(|| {
-                    anyhow!("Hydra's answer to {builds_url} is not a list of builds")
-                })?;
+                let builds: Vec<HydraBuild> = self.get_json(
+                    &self.job.eval_builds_url(eval.id),
+                    MAX_EVAL_BUILDS_BODY,
+                    "a list of builds",
+                )?;
                 read.job_systems.extend(
                     builds
                         .iter()
-                        .filter(|b| b.get("job").and_then(Value::as_str) == Some(&self.job.job))
-                        .filter_map(|b| b.get("system").and_then(Value::as_str))
-                        .map(str::to_owned),
+                        .filter(|b| b.job == self.job.job)
+                        .map(|b| b.system.clone()),
                 );
-                match eval_verdict(builds, &self.job.job, system) {
+                match eval_verdict(&builds, &self.job.job, system) {
                     EvalVerdict::Deploy(build) => {
-                        let build_id = build.get("id").and_then(Value::as_u64).unwrap_or_default();
                         if !read.skipped.is_empty() {
                             log::info!(
-                                "deploying from evaluation {id}, not from the newer ones: {}",
+                                "deploying from evaluation {}, not from the newer ones: {}",
+                                eval.id,
                                 read.skipped.join(", ")
                             );
                         }
-                        return parse_build(build, build_id, &self.output, &self.store).with_context(|| {
-                            format!("Hydra's build {build_id} (in evaluation {id}) cannot be deployed")
-                        });
+                        return build
+                            .deployable(build.id, &self.output, &self.store)
+                            .with_context(|| {
+                                format!(
+                                    "Hydra's build {} (in evaluation {}) cannot be deployed",
+                                    build.id, eval.id
+                                )
+                            });
                     }
-                    EvalVerdict::Skip(why) => read.skipped.push(format!("evaluation {id} {why}")),
+                    EvalVerdict::Skip(why) => {
+                        read.skipped.push(format!("evaluation {} {why}", eval.id));
+                    }
                 }
             }
-            if listing.get("next").is_none_or(Value::is_null) {
+            if listing.next.is_none() {
                 break;
             }
         }
@@ -429,7 +425,8 @@ impl Client {
         )
     }
 
-    fn get_json(&self, url: &str, limit: u64) -> Result<Value> {
+    /// `GET url` answered 200 with JSON that is `what` (a `T`).
+    fn get_json<T: DeserializeOwned>(&self, url: &str, limit: u64, what: &str) -> Result<T> {
         let mut response = self.get(url)?;
         let body = read_body(&mut response, url, limit)?;
         let status = response.status();
@@ -437,7 +434,25 @@ impl Client {
             let location = location(&response);
             return Err(self.status_error(url, status, &response, &body, location));
         }
-        parse_json(&response, &body, url)
+        if is_html(&response) {
+            bail!(
+                "Hydra answered {url} with HTML instead of JSON (does a proxy drop the \
+                 'Accept: application/json' header?)"
+            );
+        }
+        serde_json::from_slice(&body).map_err(|err| {
+            if err.is_data() {
+                anyhow!(
+                    "Hydra's answer to {url} is not {what}: {}",
+                    shorten(&err.to_string())
+                )
+            } else {
+                anyhow!(
+                    "Hydra's answer to {url} is not valid JSON ({err}): {}",
+                    quote_bytes(&body)
+                )
+            }
+        })
     }
 
     /// Follows nothing: reads the build id out of the 302 that Hydra's
@@ -475,8 +490,9 @@ impl Client {
     /// `GET BASE/build/ID`, validated into a deployable [`Build`].
     fn build(&self, id: u64) -> Result<Build> {
         let url = self.job.build_url(id);
-        let json = self.get_json(&url, MAX_BODY)?;
-        parse_build(&json, id, &self.output, &self.store)
+        let build: HydraBuild = self.get_json(&url, MAX_BODY, "a Hydra build")?;
+        build
+            .deployable(id, &self.output, &self.store)
             .with_context(|| format!("Hydra's build {id} ({url}) cannot be deployed"))
     }
 
@@ -590,6 +606,7 @@ impl Client {
 }
 
 /// What Hydra's 404 messages say is missing.
+#[derive(Debug, PartialEq, Eq)]
 enum Missing {
     Jobset,
     Project,
@@ -657,28 +674,20 @@ fn is_html(response: &Response<ureq::Body>) -> bool {
         .is_some_and(|ct| ct.starts_with("text/html"))
 }
 
+/// Hydra's error bodies in JSON mode.
+#[derive(Deserialize)]
+struct HydraError {
+    error: String,
+}
+
 /// Hydra's `{"error": "..."}` message, if the body is one.
 fn hydra_error_message(response: &Response<ureq::Body>, body: &[u8]) -> Option<String> {
     if is_html(response) {
         return None;
     }
-    let json: Value = serde_json::from_slice(body).ok()?;
-    json.get("error")?.as_str().map(str::to_owned)
-}
-
-fn parse_json(response: &Response<ureq::Body>, body: &[u8], url: &str) -> Result<Value> {
-    if is_html(response) {
-        bail!(
-            "Hydra answered {url} with HTML instead of JSON (does a proxy drop the \
-             'Accept: application/json' header?)"
-        );
-    }
-    serde_json::from_slice(body).map_err(|err| {
-        anyhow!(
-            "Hydra's answer to {url} is not valid JSON ({err}): {}",
-            quote_bytes(body)
-        )
-    })
+    serde_json::from_slice::<HydraError>(body)
+        .ok()
+        .map(|e| e.error)
 }
 
 /// `…/build/123` (absolute or relative, any query) → (123, the origin if
@@ -696,39 +705,209 @@ fn build_id_from_location(location: &str) -> Option<(u64, Option<Origin>)> {
     Some((id.parse().ok()?, origin))
 }
 
+/// `GET /jobset/P/J/evals`: one page of evaluations, newest first.
+#[derive(Deserialize)]
+#[serde(expecting = "Hydra's list of evaluations {\"evals\": […], …}")]
+struct EvalsPage {
+    evals: Vec<EvalSummary>,
+    /// Absent on the last page.
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(expecting = "an evaluation object")]
+struct EvalSummary {
+    id: u64,
+}
+
+/// A build object as Hydra sends it (`GET /build/ID`, and each of
+/// `GET /eval/ID/builds`): the fields hail reads, checked as far as their
+/// types go; [`HydraBuild::deployable`] checks the rest.
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a Hydra build object")]
+struct HydraBuild {
+    #[serde(deserialize_with = "build_id")]
+    id: u64,
+    #[serde(deserialize_with = "zero_or_one")]
+    finished: bool,
+    /// `null` while unfinished.
+    #[serde(deserialize_with = "build_status")]
+    buildstatus: Option<i64>,
+    /// Anything but a Unix time is `None`, so that a broken `stoptime`
+    /// makes the age unknown, not the build undeployable.
+    #[serde(default, deserialize_with = "unix_time")]
+    stoptime: Option<u64>,
+    job: String,
+    system: String,
+    buildoutputs: BTreeMap<String, BuildOutput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "an output like {\"path\": \"/nix/store/…\"}")]
+struct BuildOutput {
+    /// `null` for a content-addressed derivation.
+    #[serde(deserialize_with = "output_path")]
+    path: Option<String>,
+}
+
+impl HydraBuild {
+    /// This build as build `id` to deploy: finished, successful, and with a
+    /// well-formed `output` path. Every complaint quotes what Hydra sent.
+    fn deployable(&self, id: u64, output: &str, store: &StoreDir) -> Result<Build> {
+        if self.id != id {
+            bail!("its id is {}, not {id}", self.id);
+        }
+        if !self.finished {
+            bail!("it has not finished yet (finished = 0)");
+        }
+        match self.buildstatus {
+            Some(0) => {}
+            Some(code) => bail!(
+                "it did not succeed: buildstatus {code} ({})",
+                build_status_meaning(code)
+            ),
+            None => bail!("its \"buildstatus\" is null, expected an integer"),
+        }
+        let out = self.buildoutputs.get(output).ok_or_else(|| {
+            let names: Vec<&str> = self.buildoutputs.keys().map(String::as_str).collect();
+            anyhow!("it has no output {output:?} (its outputs: {names:?}; --output chooses one)")
+        })?;
+        let Some(path) = &out.path else {
+            bail!(
+                "its output {output:?} has no path (a content-addressed derivation): Hydra cannot \
+                 tell which store path to deploy"
+            );
+        };
+        let out_path = store.parse(path).map_err(|why| {
+            anyhow!(
+                "its output path {:?} is not a valid store path: {why}",
+                shorten(path)
+            )
+        })?;
+        Ok(Build {
+            id: self.id,
+            out_path,
+            stoptime: self.stoptime,
+            system: self.system.clone(),
+        })
+    }
+}
+
+/// Hydra's integer fields, or `null`; `expecting` says which field and what
+/// it must be, so that serde's error names it.
+struct IntegerOrNull(&'static str);
+
+impl<'de> Visitor<'de> for IntegerOrNull {
+    type Value = Option<i64>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Some(v))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        i64::try_from(v)
+            .map(Some)
+            .map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// An integer field that must not be `null`.
+fn integer<'de, D: Deserializer<'de>>(d: D, expected: &'static str) -> Result<i64, D::Error> {
+    d.deserialize_any(IntegerOrNull(expected))?
+        .ok_or_else(|| de::Error::invalid_type(Unexpected::Unit, &expected))
+}
+
+fn build_id<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    const EXPECTED: &str = "\"id\" as a build number";
+    let id = integer(d, EXPECTED)?;
+    u64::try_from(id).map_err(|_| de::Error::invalid_value(Unexpected::Signed(id), &EXPECTED))
+}
+
+/// Hydra's `finished` is an integer, not the boolean its API description says.
+fn zero_or_one<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    const EXPECTED: &str = "\"finished\" as the integer 0 or 1";
+    match integer(d, EXPECTED)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(de::Error::invalid_value(
+            Unexpected::Signed(other),
+            &EXPECTED,
+        )),
+    }
+}
+
+fn build_status<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    d.deserialize_any(IntegerOrNull("\"buildstatus\" as an integer or null"))
+}
+
+fn unix_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Time {
+        Known(u64),
+        Unknown(IgnoredAny),
+    }
+    Ok(match Time::deserialize(d)? {
+        Time::Known(time) => Some(time),
+        Time::Unknown(_) => None,
+    })
+}
+
+/// A string, or `null`.
+struct StringOrNull(&'static str);
+
+impl<'de> Visitor<'de> for StringOrNull {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(v.to_owned()))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+fn output_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    d.deserialize_any(StringOrNull(
+        "\"path\" as a store path, or null for a content-addressed derivation",
+    ))
+}
+
 enum EvalVerdict<'a> {
-    Deploy(&'a Value),
+    Deploy(&'a HydraBuild),
     Skip(String),
 }
 
 /// Whether an evaluation's builds all finished successfully, and if so,
 /// which of them is this job's (for `system`, if given).
-fn eval_verdict<'a>(builds: &'a [Value], job: &str, system: Option<&str>) -> EvalVerdict<'a> {
-    let unfinished = builds
-        .iter()
-        .filter(|b| b.get("finished").and_then(Value::as_i64) != Some(1))
-        .count();
+fn eval_verdict<'a>(builds: &'a [HydraBuild], job: &str, system: Option<&str>) -> EvalVerdict<'a> {
+    let unfinished = builds.iter().filter(|b| !b.finished).count();
     if unfinished > 0 {
         return EvalVerdict::Skip(format!("has {unfinished} unfinished builds"));
     }
-    let failed = builds
-        .iter()
-        .filter(|b| b.get("buildstatus").and_then(Value::as_i64) != Some(0))
-        .count();
+    let failed = builds.iter().filter(|b| b.buildstatus != Some(0)).count();
     if failed > 0 {
         return EvalVerdict::Skip(format!("has {failed} failed builds"));
     }
-    let ours = builds.iter().find(|b| {
-        b.get("job").and_then(Value::as_str) == Some(job)
-            && system.is_none_or(|s| b.get("system").and_then(Value::as_str) == Some(s))
-    });
+    let ours = builds
+        .iter()
+        .find(|b| b.job == job && system.is_none_or(|s| b.system == s));
     match (ours, system) {
         (Some(build), _) => EvalVerdict::Deploy(build),
-        (None, Some(system))
-            if builds
-                .iter()
-                .any(|b| b.get("job").and_then(Value::as_str) == Some(job)) =>
-        {
+        (None, Some(system)) if builds.iter().any(|b| b.job == job) => {
             EvalVerdict::Skip(format!("has no build of {job} for {system}"))
         }
         (None, _) => EvalVerdict::Skip(format!("has no build of {job}")),
@@ -747,85 +926,6 @@ struct EvalsRead {
     job_systems: BTreeSet<String>,
 }
 
-/// Validates a Hydra build object as a finished, successful build with a
-/// well-formed `output` path. Every complaint quotes what Hydra sent.
-pub fn parse_build(
-    json: &Value,
-    expected_id: u64,
-    output: &str,
-    store: &StoreDir,
-) -> Result<Build> {
-    let field = |name: &str| {
-        json.get(name)
-            .ok_or_else(|| anyhow!("it has no {name:?} field"))
-    };
-    if !json.is_object() {
-        bail!("it is not a JSON object: {}", quote(json));
-    }
-    let id = field("id")?;
-    if id.as_u64() != Some(expected_id) {
-        bail!("its id is {}, not {expected_id}", quote(id));
-    }
-    match field("finished")?.as_i64() {
-        Some(1) => {}
-        Some(0) => bail!("it has not finished yet (finished = 0)"),
-        _ => bail!(
-            "its \"finished\" is {}, expected the integer 0 or 1",
-            quote(&json["finished"])
-        ),
-    }
-    let status = field("buildstatus")?;
-    match status.as_i64() {
-        Some(0) => {}
-        Some(code) => bail!(
-            "it did not succeed: buildstatus {code} ({})",
-            build_status_meaning(code)
-        ),
-        None => bail!(
-            "its \"buildstatus\" is {}, expected an integer",
-            quote(status)
-        ),
-    }
-    let outputs = field("buildoutputs")?;
-    let out = outputs.get(output).ok_or_else(|| {
-        let names: Vec<&String> = outputs
-            .as_object()
-            .map(|o| o.keys().collect())
-            .unwrap_or_default();
-        anyhow!(
-            "it has no output {output:?} (its buildoutputs: {})",
-            quote(outputs)
-        )
-        .context(format!("outputs are {names:?}"))
-    })?;
-    let path = match out.get("path") {
-        Some(Value::String(path)) => path,
-        Some(Value::Null) => bail!(
-            "its output {output:?} has no path (a content-addressed derivation): Hydra cannot tell \
-             which store path to deploy"
-        ),
-        _ => bail!(
-            "its output {output:?} is {}, expected {{\"path\": \"/nix/store/…\"}}",
-            quote(out)
-        ),
-    };
-    let out_path = store.parse(path).map_err(|why| {
-        anyhow!(
-            "its output path {} is not a valid store path: {why}",
-            quote(&Value::String(path.clone()))
-        )
-    })?;
-    Ok(Build {
-        id: expected_id,
-        out_path,
-        stoptime: json.get("stoptime").and_then(Value::as_u64),
-        system: json
-            .get("system")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-    })
-}
-
 fn build_status_meaning(code: i64) -> &'static str {
     match code {
         1 => "failed",
@@ -842,10 +942,6 @@ fn build_status_meaning(code: i64) -> &'static str {
 }
 
 const QUOTE_MAX: usize = 200;
-
-fn quote(value: &Value) -> String {
-    shorten(&value.to_string())
-}
 
 fn quote_bytes(body: &[u8]) -> String {
     format!("{:?}", shorten(&String::from_utf8_lossy(body)))
@@ -897,10 +993,25 @@ fn tls_config() -> Result<ureq::tls::TlsConfig> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
 
-    fn build_json() -> Value {
-        serde_json::from_str(include_str!("../tests/data/hydra/build.json")).unwrap()
+    fn captured(name: &str) -> Value {
+        let path = format!("{}/tests/data/hydra/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn decode<T: DeserializeOwned>(json: &Value) -> Result<T, String> {
+        serde_json::from_str(&json.to_string()).map_err(|e| e.to_string())
+    }
+
+    /// What a pass makes of `json` served as `/build/ID`.
+    fn deploy(json: &Value, id: u64, output: &str) -> Result<Build, String> {
+        let store = StoreDir::new("/nix/store");
+        decode::<HydraBuild>(json)?
+            .deployable(id, output, &store)
+            .map_err(|e| format!("{e:#}"))
     }
 
     #[test]
@@ -1024,57 +1135,122 @@ mod tests {
     }
 
     #[test]
-    fn eval_verdicts_on_captured_builds() {
-        let builds: Value =
-            serde_json::from_str(include_str!("../tests/data/hydra/eval-builds.json")).unwrap();
-        let builds = builds.as_array().unwrap();
-        // Build 5 of evaluation 3 is still queued.
-        assert!(
-            matches!(eval_verdict(builds, "agent", None), EvalVerdict::Skip(why) if why.contains("1 unfinished"))
-        );
-        let finished: Vec<Value> = builds
-            .iter()
-            .filter(|b| b["finished"] == 1)
-            .cloned()
-            .collect();
-        let EvalVerdict::Deploy(build) = eval_verdict(&finished, "agent", Some("x86_64-linux"))
-        else {
-            panic!("no deployable build");
-        };
-        assert_eq!(build["id"], 4);
-        let EvalVerdict::Deploy(build) = eval_verdict(&finished, "agent", Some("aarch64-linux"))
-        else {
-            panic!("no deployable build");
-        };
-        assert_eq!(build["id"], 3);
-        assert!(matches!(
-            eval_verdict(&finished, "nosuch", None),
-            EvalVerdict::Skip(_)
-        ));
+    fn captured_answers_decode() {
+        let page: EvalsPage = decode(&captured("evals.json")).unwrap();
+        let ids: Vec<u64> = page.evals.iter().map(|e| e.id).collect();
+        assert_eq!((ids, page.next), (vec![3, 2, 1], None));
+        let page: EvalsPage = decode(&captured("evals-page2.json")).unwrap();
+        assert!(page.evals.is_empty());
+
+        let builds: Vec<HydraBuild> = decode(&captured("eval-builds.json")).unwrap();
+        assert_eq!(builds.len(), 3);
+
+        for (file, meaning) in [
+            ("404-jobset.json", Some(Missing::Jobset)),
+            ("404-latest.json", Some(Missing::SuccessfulBuild)),
+            ("404-latest-for.json", Some(Missing::SuccessfulBuild)),
+            ("404.json", None),
+        ] {
+            let error: HydraError = decode(&captured(file)).unwrap();
+            assert_eq!(Missing::from_message(&error.error), meaning, "{file}");
+        }
     }
 
     #[test]
-    fn parses_the_captured_build() {
-        let store = StoreDir::new("/nix/store");
-        let build = parse_build(&build_json(), 4, "out", &store).unwrap();
+    fn eval_verdicts_on_captured_builds() {
+        let builds: Vec<HydraBuild> = decode(&captured("eval-builds.json")).unwrap();
+        // Build 5 of evaluation 3 is still queued.
+        assert!(
+            matches!(eval_verdict(&builds, "agent", None), EvalVerdict::Skip(why) if why == "has 1 unfinished builds")
+        );
+        let finished: Vec<HydraBuild> = builds.into_iter().filter(|b| b.finished).collect();
+        let verdict = |job, system| match eval_verdict(&finished, job, system) {
+            EvalVerdict::Deploy(build) => Ok(build.id),
+            EvalVerdict::Skip(why) => Err(why),
+        };
+        assert_eq!(verdict("agent", Some("x86_64-linux")), Ok(4));
+        assert_eq!(verdict("agent", Some("aarch64-linux")), Ok(3));
+        assert_eq!(
+            verdict("agent", Some("riscv64-linux")),
+            Err("has no build of agent for riscv64-linux".into())
+        );
+        assert_eq!(
+            verdict("nosuch", None),
+            Err("has no build of nosuch".into())
+        );
+    }
+
+    #[test]
+    fn deploys_the_captured_build() {
+        let build = deploy(&captured("build.json"), 4, "out").unwrap();
         assert_eq!(build.id, 4);
         assert_eq!(build.stoptime, Some(1_700_000_220));
-        assert!(parse_build(&build_json(), 4, "bin", &store).is_err());
-        assert!(build.out_path.as_str().starts_with("/nix/store/"));
+        assert_eq!(build.system, "x86_64-linux");
+        assert_eq!(
+            build.out_path.as_str(),
+            "/nix/store/ywd0s510ywbfhczmgis9ywb3y0q8xcwn-hail-test-agent-2"
+        );
+        let err = deploy(&captured("build.json"), 4, "bin").unwrap_err();
+        assert!(
+            err.contains("no output \"bin\" (its outputs: [\"out\"]"),
+            "{err}"
+        );
+        let err = deploy(&captured("build-unfinished.json"), 5, "out").unwrap_err();
+        assert!(err.contains("has not finished"), "{err}");
+        let err = deploy(&captured("build-failed.json"), 2, "out").unwrap_err();
+        assert!(err.contains("buildstatus 1 (failed)"), "{err}");
+    }
+
+    #[test]
+    fn stoptime_missing_null_or_malformed_is_an_unknown_age() {
+        for stoptime in [
+            None,
+            Some(Value::Null),
+            Some(json!("yesterday")),
+            Some(json!(-5)),
+            Some(json!(1.7e9)),
+            Some(json!({})),
+        ] {
+            let mut json = captured("build.json");
+            match &stoptime {
+                None => {
+                    json.as_object_mut().unwrap().remove("stoptime");
+                }
+                Some(value) => json["stoptime"] = value.clone(),
+            }
+            let build = deploy(&json, 4, "out").unwrap();
+            assert_eq!(build.stoptime, None, "{stoptime:?}");
+        }
     }
 
     #[test]
     fn rejects_what_cannot_be_deployed() {
-        let store = StoreDir::new("/nix/store");
         type Mutation = Box<dyn Fn(&mut Value)>;
         let cases: Vec<(&str, Mutation)> = vec![
-            ("not 5", Box::new(|_| {})),
-            ("finished", Box::new(|b| b["finished"] = Value::Bool(true))),
-            ("not finished", Box::new(|b| b["finished"] = 0.into())),
-            ("buildstatus 1", Box::new(|b| b["buildstatus"] = 1.into())),
-            ("buildstatus", Box::new(|b| b["buildstatus"] = Value::Null)),
+            ("its id is 4, not 5", Box::new(|_| {})),
             (
-                "no \"buildoutputs\"",
+                "invalid type: boolean `true`, expected \"finished\" as the integer 0 or 1",
+                Box::new(|b| b["finished"] = true.into()),
+            ),
+            (
+                "invalid value: integer `2`, expected \"finished\" as the integer 0 or 1",
+                Box::new(|b| b["finished"] = 2.into()),
+            ),
+            (
+                "has not finished yet",
+                Box::new(|b| b["finished"] = 0.into()),
+            ),
+            ("buildstatus 1", Box::new(|b| b["buildstatus"] = 1.into())),
+            (
+                "\"buildstatus\" is null",
+                Box::new(|b| b["buildstatus"] = Value::Null),
+            ),
+            (
+                "expected \"buildstatus\" as an integer or null",
+                Box::new(|b| b["buildstatus"] = "0".into()),
+            ),
+            (
+                "missing field `buildoutputs`",
                 Box::new(|b| {
                     b.as_object_mut().unwrap().remove("buildoutputs");
                 }),
@@ -1084,19 +1260,39 @@ mod tests {
                 Box::new(|b| b["buildoutputs"]["out"]["path"] = Value::Null),
             ),
             (
+                "missing field `path`",
+                Box::new(|b| b["buildoutputs"]["out"] = json!({})),
+            ),
+            (
+                "expected an output like {\"path\": \"/nix/store/…\"}",
+                Box::new(|b| b["buildoutputs"]["out"] = "/nix/store/x".into()),
+            ),
+            (
+                "expected \"path\" as a store path",
+                Box::new(|b| b["buildoutputs"]["out"]["path"] = 7.into()),
+            ),
+            (
                 "not a valid store path",
                 Box::new(|b| b["buildoutputs"]["out"]["path"] = "/nix/store/../../etc".into()),
             ),
-            ("is \"4\"", Box::new(|b| b["id"] = "4".into())),
+            (
+                "invalid type: string \"4\", expected \"id\" as a build number",
+                Box::new(|b| b["id"] = "4".into()),
+            ),
+            (
+                "invalid length 0, expected a Hydra build object",
+                Box::new(|b| *b = json!([])),
+            ),
+            (
+                "invalid type: string \"4\", expected a Hydra build object",
+                Box::new(|b| *b = "4".into()),
+            ),
         ];
         for (expected, mutate) in cases {
-            let mut json = build_json();
+            let mut json = captured("build.json");
             mutate(&mut json);
-            let wanted_id = if expected == "not 5" { 5 } else { 4 };
-            let err = format!(
-                "{:#}",
-                parse_build(&json, wanted_id, "out", &store).unwrap_err()
-            );
+            let wanted_id = if expected.contains("not 5") { 5 } else { 4 };
+            let err = deploy(&json, wanted_id, "out").unwrap_err();
             assert!(err.contains(expected), "{expected:?} not in {err:?}");
         }
     }
