@@ -21,8 +21,10 @@ use crate::store_path::{StoreDir, StorePath};
 
 /// Hydra's answers are a few KiB; anything this large is not Hydra.
 pub const MAX_BODY: u64 = 1024 * 1024;
-/// `/eval/ID/builds` lists every build of an evaluation, about 1.5 KiB each.
-const MAX_EVAL_BUILDS_BODY: u64 = 64 * 1024 * 1024;
+/// `/eval/ID/builds` lists every build of an evaluation, about 1.5 KiB each,
+/// and `/jobset/P/J/evals` the ids of all of them for 20 evaluations (over
+/// 1 MiB a page on large jobsets).
+const MAX_EVALS_BODY: u64 = 64 * 1024 * 1024;
 /// `--wait-for-jobset` reads at most this many pages of evaluations (20 each)…
 pub const MAX_EVAL_PAGES: usize = 3;
 /// …and the builds of at most this many evaluations.
@@ -329,7 +331,8 @@ impl Client {
         let mut read = EvalsRead::default();
         'pages: for page in 1..=MAX_EVAL_PAGES {
             let url = self.job.evals_url(page);
-            let listing: EvalsPage = self.get_json(&url, MAX_BODY, "a list of evaluations")?;
+            let listing: EvalsPage =
+                self.get_json(&url, MAX_EVALS_BODY, "a list of evaluations")?;
             for eval in listing.evals {
                 if read.checked == MAX_EVALS_CHECKED {
                     read.more = true;
@@ -338,7 +341,7 @@ impl Client {
                 read.checked += 1;
                 let builds: Vec<HydraBuild> = self.get_json(
                     &self.job.eval_builds_url(eval.id),
-                    MAX_EVAL_BUILDS_BODY,
+                    MAX_EVALS_BODY,
                     "a list of builds",
                 )?;
                 read.job_systems.extend(

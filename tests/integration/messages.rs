@@ -2,7 +2,7 @@
 //! real Hydra means by its answer (`/work/shared/hydra/HYDRA.md`), in every
 //! way of choosing the build.
 
-use crate::common::hydra::Bystander;
+use crate::common::hydra::{Bystander, Fault};
 use crate::common::{JOB, Run, World, assert_exit};
 
 /// A well-formed store path that is not in any cache: these passes stop at Hydra.
@@ -175,4 +175,33 @@ fn location_on_another_origin_warns_where_the_build_was_fetched() {
     );
     assert!(!warning.contains("from there"), "{warning}");
     assert!(other.connections().is_empty());
+}
+
+#[test]
+fn evals_page_over_a_mebibyte_is_read() {
+    // Real Hydra lists every build id of 20 evaluations a page: over 1 MiB
+    // on a large jobset (HYDRA.md).
+    let world = World::new();
+    let id = world
+        .hydra
+        .add_build_in(JOB, "x86_64-linux", OUT, Some(0), Some(1));
+    let many_builds: Vec<u64> = (1_000_000..1_200_000).chain([id]).collect();
+    let page = serde_json::json!({
+        "evals": [{ "id": 1, "hasnewbuilds": 1, "builds": many_builds }],
+        "first": "?page=1",
+        "last": "?page=1",
+    });
+    let body = page.to_string().into_bytes();
+    assert!(body.len() > 1024 * 1024);
+    world.hydra.fault(
+        "/jobset/hail/main/evals?page=1",
+        Fault::Respond(200, "application/json", body),
+    );
+    let run = world.pass(&["--wait-for-jobset", "--dry-run"]);
+    assert_exit(&run, 0);
+    assert!(
+        run.stdout
+            .contains(&format!("would deploy build {id} {OUT}")),
+        "{run:?}"
+    );
 }
