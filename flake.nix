@@ -60,6 +60,8 @@
             "pass"
             "faults"
             "files"
+            "messages"
+            "bounded"
             "observe"
             "systemd"
             "services"

@@ -4,22 +4,27 @@
 //! not follow) and `GET BASE/build/ID`, both on the job URI's own origin
 //! whatever the `Location` header says, so credentials never leave it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use serde_json::Value;
+use base64::Engine as _;
+use serde::Deserialize;
+use serde::de::{self, DeserializeOwned, Deserializer, IgnoredAny, Unexpected, Visitor};
 use ureq::Agent;
-use ureq::http::{Response, StatusCode, header};
+use ureq::http::{Response, StatusCode, Uri, header};
 
 use crate::store_path::{StoreDir, StorePath};
 
 /// Hydra's answers are a few KiB; anything this large is not Hydra.
 pub const MAX_BODY: u64 = 1024 * 1024;
-/// `/eval/ID/builds` lists every build of an evaluation, about 1.5 KiB each.
-const MAX_EVAL_BUILDS_BODY: u64 = 64 * 1024 * 1024;
+/// `/eval/ID/builds` lists every build of an evaluation, about 1.5 KiB each,
+/// and `/jobset/P/J/evals` the ids of all of them for 20 evaluations (over
+/// 1 MiB a page on large jobsets).
+const MAX_EVALS_BODY: u64 = 64 * 1024 * 1024;
 /// `--wait-for-jobset` reads at most this many pages of evaluations (20 each)…
 pub const MAX_EVAL_PAGES: usize = 3;
 /// …and the builds of at most this many evaluations.
@@ -42,7 +47,16 @@ pub struct JobUri {
 }
 
 impl JobUri {
+    /// Validates a job URI. The error never repeats credentials written into
+    /// it: it ends up in logs.
     pub fn parse(uri: &str) -> Result<Self, String> {
+        // Hydra's project, jobset and job names never contain an '@'.
+        if uri.contains('@') {
+            return Err(format!(
+                "{:?} carries credentials; put them in a netrc file (--netrc-file) instead",
+                without_credentials(uri)
+            ));
+        }
         let expected = || format!("{uri:?} is not a Hydra job URI; expected {EXPECTED_JOB_URI}");
         if uri
             .chars()
@@ -50,14 +64,10 @@ impl JobUri {
         {
             return Err(format!("{} (no spaces, query or fragment)", expected()));
         }
-        let (origin, authority, path) = split_url(uri).map_err(|why| match why {
-            UrlError::Credentials => format!(
-                "{uri:?} carries credentials; put them in a netrc file (--netrc-file) instead"
-            ),
-            UrlError::Invalid => expected(),
-        })?;
-        let Origin { scheme, host, port } = origin;
-        let path = path.trim_end_matches('/');
+        let parsed: Uri = uri.parse().map_err(|_| expected())?;
+        let Origin { scheme, host, port } = origin(&parsed).ok_or_else(expected)?;
+        let authority = parsed.authority().ok_or_else(expected)?;
+        let path = parsed.path().trim_end_matches('/');
         let at = path.rfind("/job/").ok_or_else(expected)?;
         let (prefix, job_part) = (&path[..at], &path[at + "/job/".len()..]);
         let parts: Vec<&str> = job_part.split('/').collect();
@@ -122,52 +132,53 @@ pub struct Origin {
     pub port: u16,
 }
 
-enum UrlError {
-    Credentials,
-    Invalid,
-}
-
-/// `scheme://authority/path…` → its origin, the authority as written, and
-/// the path (possibly empty). Only http(s) URLs without credentials.
-fn split_url(url: &str) -> Result<(Origin, &str, &str), UrlError> {
-    let (scheme, rest) = url.split_once("://").ok_or(UrlError::Invalid)?;
-    let scheme = scheme.to_ascii_lowercase();
+/// The origin of an absolute http(s) URL without credentials. ureq's URI
+/// parser also accepts user info, an empty or non-numeric port (as no port)
+/// and hosts of any characters: none of them are Hydra's.
+fn origin(uri: &Uri) -> Option<Origin> {
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
     let default_port = match scheme.as_str() {
         "http" => 80,
         "https" => 443,
-        _ => return Err(UrlError::Invalid),
+        _ => return None,
     };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    if authority.contains('@') {
-        return Err(UrlError::Credentials);
-    }
-    let (host, port) = split_authority(authority, default_port).ok_or(UrlError::Invalid)?;
-    Ok((Origin { scheme, host, port }, authority, path))
-}
-
-fn split_authority(authority: &str, default_port: u16) -> Option<(String, u16)> {
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (addr, after) = v6.split_once(']')?;
-        (format!("[{addr}]"), after.strip_prefix(':'))
-    } else {
-        match authority.split_once(':') {
-            Some((host, port)) => (host.to_owned(), Some(port)),
-            None => (authority.to_owned(), None),
-        }
-    };
+    let authority = uri.authority()?.as_str();
+    let host = uri.host()?;
     let valid_host = host.len() > 2 && host.starts_with('[')
         || !host.is_empty()
             && host
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c));
-    if !valid_host {
+    if authority.contains('@') || !valid_host {
         return None;
     }
-    let port = match port {
-        None => default_port,
-        Some(p) => p.parse().ok().filter(|p| *p != 0)?,
+    let port = match authority.get(host.len()..)? {
+        "" => default_port,
+        port => port.strip_prefix(':')?.parse().ok().filter(|p| *p != 0)?,
     };
-    Some((host.to_ascii_lowercase(), port))
+    Some(Origin {
+        scheme,
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+/// `uri` with what stands between its scheme and its last `@` (a user and
+/// password) replaced by `…`.
+fn without_credentials(uri: &str) -> String {
+    let scheme_end = uri
+        .split_once("://")
+        .filter(|(scheme, _)| {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        })
+        .map_or(0, |(scheme, _)| scheme.len() + "://".len());
+    match uri.rfind('@') {
+        Some(at) if at >= scheme_end => format!("{}…{}", &uri[..scheme_end], &uri[at..]),
+        _ => uri.to_owned(),
+    }
 }
 
 /// HTTP Basic credentials for the job URI's host.
@@ -180,7 +191,10 @@ pub struct Credentials {
 impl Credentials {
     fn header_value(&self) -> String {
         let raw = format!("{}:{}", self.login, self.password);
-        format!("Basic {}", base64(raw.as_bytes()))
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
     }
 }
 
@@ -191,25 +205,6 @@ impl fmt::Debug for Credentials {
             .field("login", &self.login)
             .finish_non_exhaustive()
     }
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// How long each HTTP exchange may take.
@@ -239,9 +234,10 @@ impl Timeouts {
 pub struct Build {
     pub id: u64,
     pub out_path: StorePath,
-    /// When the build finished (Unix time), if Hydra says.
+    /// When the build finished (Unix time). `None` means the age is unknown:
+    /// Hydra sent no `stoptime`, `null`, or something that is not a time.
     pub stoptime: Option<u64>,
-    pub system: Option<String>,
+    pub system: String,
 }
 
 /// Which of the job's builds to deploy.
@@ -258,6 +254,18 @@ pub enum Selection {
     WholeJobset { system: Option<String> },
 }
 
+/// What a [`Client`] asks Hydra for, and how.
+pub struct ClientConfig {
+    pub job: JobUri,
+    /// Sent to the job URI's origin only.
+    pub credentials: Option<Credentials>,
+    pub timeouts: Timeouts,
+    pub store: StoreDir,
+    pub selection: Selection,
+    /// The build output to deploy (`--output`).
+    pub output: String,
+}
+
 pub struct Client {
     agent: Agent,
     job: JobUri,
@@ -269,12 +277,14 @@ pub struct Client {
 
 impl Client {
     pub fn new(
-        job: JobUri,
-        credentials: Option<Credentials>,
-        timeouts: Timeouts,
-        store: StoreDir,
-        selection: Selection,
-        output: String,
+        ClientConfig {
+            job,
+            credentials,
+            timeouts,
+            store,
+            selection,
+            output,
+        }: ClientConfig,
     ) -> Result<Self> {
         let mut config = Agent::config_builder()
             .max_redirects(0)
@@ -318,82 +328,134 @@ impl Client {
     /// `--wait-for-jobset`: the newest evaluation (of a bounded number) whose
     /// builds all finished successfully and that has a build of this job.
     fn whole_jobset_build(&self, system: Option<&str>) -> Result<Build> {
-        let mut checked = 0;
-        let mut skipped = Vec::new();
-        for page in 1..=MAX_EVAL_PAGES {
+        let mut read = EvalsRead::default();
+        'pages: for page in 1..=MAX_EVAL_PAGES {
             let url = self.job.evals_url(page);
-            let listing = self.get_json(&url, MAX_BODY)?;
-            let evals = listing
-                .get("evals")
-                .and_then(Value::as_array)
-                .ok_or_else(|| {
-                    anyhow!(
-                        "Hydra's answer to {url} has no \"evals\" list: {}",
-                        quote(&listing)
-                    )
-                })?;
-            for eval in evals {
-                let id = eval.get("id").and_then(Value::as_u64).ok_or_else(|| {
-                    anyhow!("an evaluation in {url} has no numeric id: {}", quote(eval))
-                })?;
-                if checked == MAX_EVALS_CHECKED {
-                    bail!(
-                        "none of the newest {MAX_EVALS_CHECKED} evaluations of jobset {}/{} finished \
-                         with every build successful and a build of {} ({}); waiting for one",
-                        self.job.project,
-                        self.job.jobset,
-                        self.job.job,
-                        skipped.join(", ")
-                    );
+            let listing: EvalsPage =
+                self.get_json(&url, MAX_EVALS_BODY, "a list of evaluations")?;
+            for eval in listing.evals {
+                if read.checked == MAX_EVALS_CHECKED {
+                    read.more = true;
+                    break 'pages;
                 }
-                checked += 1;
-                let builds_url = self.job.eval_builds_url(id);
-                let builds = self.get_json(&builds_url, MAX_EVAL_BUILDS_BODY)?;
-                let builds = builds.as_array().ok_or_else(|| {
-                    anyhow!("Hydra's answer to {builds_url} is not a list of builds")
-                })?;
-                match eval_verdict(builds, &self.job.job, system) {
+                read.checked += 1;
+                let builds: Vec<HydraBuild> = self.get_json(
+                    &self.job.eval_builds_url(eval.id),
+                    MAX_EVALS_BODY,
+                    "a list of builds",
+                )?;
+                read.job_systems.extend(
+                    builds
+                        .iter()
+                        .filter(|b| b.job == self.job.job)
+                        .map(|b| b.system.clone()),
+                );
+                match eval_verdict(&builds, &self.job.job, system) {
                     EvalVerdict::Deploy(build) => {
-                        let build_id = build.get("id").and_then(Value::as_u64).unwrap_or_default();
-                        if !skipped.is_empty() {
+                        if !read.skipped.is_empty() {
                             log::info!(
-                                "deploying from evaluation {id}; newer evaluations are not complete: {}",
-                                skipped.join(", ")
+                                "deploying from evaluation {}, not from the newer ones: {}",
+                                eval.id,
+                                read.skipped.join(", ")
                             );
                         }
-                        return parse_build(build, build_id, &self.output, &self.store).with_context(|| {
-                            format!("Hydra's build {build_id} (in evaluation {id}) cannot be deployed")
-                        });
+                        return build
+                            .deployable(build.id, &self.output, &self.store)
+                            .with_context(|| {
+                                format!(
+                                    "Hydra's build {} (in evaluation {}) cannot be deployed",
+                                    build.id, eval.id
+                                )
+                            });
                     }
-                    EvalVerdict::Skip(why) => skipped.push(format!("evaluation {id} {why}")),
+                    EvalVerdict::Skip(why) => {
+                        read.skipped.push(format!("evaluation {} {why}", eval.id));
+                    }
                 }
             }
-            if listing.get("next").is_none_or(Value::is_null) {
+            if listing.next.is_none() {
                 break;
             }
         }
-        bail!(
-            "no evaluation of jobset {}/{} has finished with every build successful and a build of {} \
-             ({}); waiting for one",
-            self.job.project,
-            self.job.jobset,
-            self.job.job,
-            if skipped.is_empty() {
-                "it has no evaluations".to_owned()
-            } else {
-                skipped.join(", ")
-            }
+        Err(self.no_whole_jobset(&read, system))
+    }
+
+    /// Why `--wait-for-jobset` found nothing to deploy: a job or system that
+    /// the evaluations do not have is a mistake to fix, the rest is waiting.
+    fn no_whole_jobset(&self, read: &EvalsRead, system: Option<&str>) -> anyhow::Error {
+        let JobUri {
+            project,
+            jobset,
+            job,
+            ..
+        } = &self.job;
+        let checked = read.checked;
+        if checked == 0 {
+            return anyhow!(
+                "no evaluation of jobset {project}/{jobset} has finished with every build \
+                 successful and a build of {job} (it has no evaluations); waiting for one"
+            );
+        }
+        if read.job_systems.is_empty() {
+            return anyhow!(
+                "jobset {project}/{jobset} has no job {job} in its newest {checked} evaluations; \
+                 check the job name in the job URI"
+            );
+        }
+        if let Some(system) = system
+            && !read.job_systems.contains(system)
+        {
+            return anyhow!(
+                "jobset {project}/{jobset} has no build of {job} for {system} in its newest \
+                 {checked} evaluations (only for {}); check --system",
+                read.job_systems
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let which = if read.more {
+            format!("none of the newest {checked} evaluations")
+        } else {
+            "no evaluation".to_owned()
+        };
+        anyhow!(
+            "{which} of jobset {project}/{jobset} finished with every build successful and a \
+             build of {job}{} ({}); waiting for one",
+            system.map(|s| format!(" for {s}")).unwrap_or_default(),
+            read.skipped.join(", ")
         )
     }
 
-    fn get_json(&self, url: &str, limit: u64) -> Result<Value> {
+    /// `GET url` answered 200 with JSON that is `what` (a `T`).
+    fn get_json<T: DeserializeOwned>(&self, url: &str, limit: u64, what: &str) -> Result<T> {
         let mut response = self.get(url)?;
         let body = read_body(&mut response, url, limit)?;
         let status = response.status();
         if status != StatusCode::OK {
-            return Err(self.status_error(url, status, &response, &body, None));
+            let location = location(&response);
+            return Err(self.status_error(url, status, &response, &body, location));
         }
-        parse_json(&response, &body, url)
+        if is_html(&response) {
+            bail!(
+                "Hydra answered {url} with HTML instead of JSON (does a proxy drop the \
+                 'Accept: application/json' header?)"
+            );
+        }
+        serde_json::from_slice(&body).map_err(|err| {
+            if err.is_data() {
+                anyhow!(
+                    "Hydra's answer to {url} is not {what}: {}",
+                    shorten(&err.to_string())
+                )
+            } else {
+                anyhow!(
+                    "Hydra's answer to {url} is not valid JSON ({err}): {}",
+                    quote_bytes(&body)
+                )
+            }
+        })
     }
 
     /// Follows nothing: reads the build id out of the 302 that Hydra's
@@ -401,10 +463,7 @@ impl Client {
     fn redirect_target(&self, url: &str) -> Result<u64> {
         let mut response = self.get(url)?;
         let status = response.status();
-        let location = response
-            .headers()
-            .get(header::LOCATION)
-            .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
+        let location = location(&response);
         // Read the small "Moved" page so the connection can be reused.
         let body = read_body(&mut response, url, MAX_BODY)?;
         match (status, location) {
@@ -419,19 +478,14 @@ impl Client {
                 })?;
                 if origin.is_some_and(|o| !self.same_origin(&o)) {
                     log::warn!(
-                        "Hydra redirected to {location}, which is not on the job URI's origin {}; \
-                         fetching build {id} from there instead (check the reverse proxy's \
+                        "Hydra redirected to {location}, which is not on the job URI's origin; \
+                         fetching build {id} from {} instead (check the reverse proxy's \
                          X-Forwarded-Host/-Proto headers)",
-                        self.job.base
+                        self.job.build_url(id)
                     );
                 }
                 Ok(id)
             }
-            (StatusCode::MOVED_PERMANENTLY | StatusCode::PERMANENT_REDIRECT, location) => bail!(
-                "Hydra answered {url} with {status}{}: the job URI has moved (renamed jobset?); \
-                 update --job-uri",
-                location.map(|l| format!(" to {l:?}")).unwrap_or_default()
-            ),
             (status, location) => Err(self.status_error(url, status, &response, &body, location)),
         }
     }
@@ -439,8 +493,9 @@ impl Client {
     /// `GET BASE/build/ID`, validated into a deployable [`Build`].
     fn build(&self, id: u64) -> Result<Build> {
         let url = self.job.build_url(id);
-        let json = self.get_json(&url, MAX_BODY)?;
-        parse_build(&json, id, &self.output, &self.store)
+        let build: HydraBuild = self.get_json(&url, MAX_BODY, "a Hydra build")?;
+        build
+            .deployable(id, &self.output, &self.store)
             .with_context(|| format!("Hydra's build {id} ({url}) cannot be deployed"))
     }
 
@@ -480,9 +535,15 @@ impl Client {
             .map(|m| format!(": {m}"))
             .unwrap_or_default();
         match status {
-            StatusCode::NOT_FOUND => anyhow!(
-                "Hydra has no successful build at {url}{said} (check the job URI, or wait for a build to succeed)"
+            StatusCode::MOVED_PERMANENTLY | StatusCode::PERMANENT_REDIRECT => anyhow!(
+                "Hydra answered {url} with {status}{}: the job URI has moved (renamed jobset?); \
+                 update --job-uri",
+                location.map(|l| format!(" to {l:?}")).unwrap_or_default()
             ),
+            StatusCode::NOT_FOUND => {
+                let answered = format!("{url} answered {status}{said}");
+                self.not_found(&answered, hydra_says.as_deref())
+            }
             StatusCode::UNAUTHORIZED => anyhow!(
                 "{url} requires credentials ({status}){said}: {}",
                 if self.authorization.is_some() {
@@ -492,8 +553,10 @@ impl Client {
                 }
             ),
             StatusCode::FORBIDDEN => anyhow!(
-                "{url} refused access ({status}){said}: a private Hydra needs a reverse proxy with \
-                 HTTP Basic auth and a netrc entry for it (--netrc-file)"
+                "{url} refused access ({status}{said}): a Hydra with `private = 1` refuses every \
+                 request without a login session and ignores HTTP Basic auth, even through a \
+                 proxy, so no netrc entry can help; set `private = 0` and put a reverse proxy \
+                 that authenticates (HTTP Basic, with --netrc-file) in front of Hydra and its cache"
             ),
             _ => {
                 let what = if hydra_says.is_none() && is_html(response) {
@@ -510,6 +573,73 @@ impl Client {
             }
         }
     }
+
+    /// Hydra answers 404 on the same endpoint for a missing jobset and for
+    /// a job without a successful build; only its message tells them apart.
+    fn not_found(&self, answered: &str, hydra_says: Option<&str>) -> anyhow::Error {
+        let JobUri {
+            project,
+            jobset,
+            job,
+            ..
+        } = &self.job;
+        match hydra_says.and_then(Missing::from_message) {
+            Some(Missing::Jobset) => {
+                anyhow!(
+                    "no such jobset {project}/{jobset} on Hydra ({answered}); check the job URI"
+                )
+            }
+            Some(Missing::Project) => {
+                anyhow!("no such project {project} on Hydra ({answered}); check the job URI")
+            }
+            Some(Missing::SuccessfulBuild) => {
+                let system = match &self.selection {
+                    Selection::LatestFor(system) => format!(" for {system}"),
+                    _ => String::new(),
+                };
+                anyhow!(
+                    "Hydra has no successful build of {job}{system} in jobset {project}/{jobset} \
+                     ({answered}); wait for one, or check the job name (Hydra answers the same \
+                     for a job it does not know)"
+                )
+            }
+            None => anyhow!("nothing at {answered}; check the job URI"),
+        }
+    }
+}
+
+/// What Hydra's 404 messages say is missing.
+#[derive(Debug, PartialEq, Eq)]
+enum Missing {
+    Jobset,
+    Project,
+    SuccessfulBuild,
+}
+
+impl Missing {
+    /// `Jobset ‘J’ doesn't exist.`, `Project ‘P’ doesn't exist.`, `There is
+    /// no successful build [for platform `S'] to redirect to.`
+    fn from_message(message: &str) -> Option<Self> {
+        if message.starts_with("There is no successful build") {
+            Some(Self::SuccessfulBuild)
+        } else if !message.ends_with(" doesn't exist.") {
+            None
+        } else if message.starts_with("Jobset ") {
+            Some(Self::Jobset)
+        } else if message.starts_with("Project ") {
+            Some(Self::Project)
+        } else {
+            None
+        }
+    }
+}
+
+/// The Location header, if any, as text.
+fn location(response: &Response<ureq::Body>) -> Option<String> {
+    response
+        .headers()
+        .get(header::LOCATION)
+        .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned())
 }
 
 fn describe_transport_error(err: ureq::Error, url: &str) -> anyhow::Error {
@@ -547,157 +677,256 @@ fn is_html(response: &Response<ureq::Body>) -> bool {
         .is_some_and(|ct| ct.starts_with("text/html"))
 }
 
+/// Hydra's error bodies in JSON mode.
+#[derive(Deserialize)]
+struct HydraError {
+    error: String,
+}
+
 /// Hydra's `{"error": "..."}` message, if the body is one.
 fn hydra_error_message(response: &Response<ureq::Body>, body: &[u8]) -> Option<String> {
     if is_html(response) {
         return None;
     }
-    let json: Value = serde_json::from_slice(body).ok()?;
-    json.get("error")?.as_str().map(str::to_owned)
-}
-
-fn parse_json(response: &Response<ureq::Body>, body: &[u8], url: &str) -> Result<Value> {
-    if is_html(response) {
-        bail!(
-            "Hydra answered {url} with HTML instead of JSON (does a proxy drop the \
-             'Accept: application/json' header?)"
-        );
-    }
-    serde_json::from_slice(body).map_err(|err| {
-        anyhow!(
-            "Hydra's answer to {url} is not valid JSON ({err}): {}",
-            quote_bytes(body)
-        )
-    })
+    serde_json::from_slice::<HydraError>(body)
+        .ok()
+        .map(|e| e.error)
 }
 
 /// `…/build/123` (absolute or relative, any query) → (123, the origin if
 /// the Location was absolute).
 fn build_id_from_location(location: &str) -> Option<(u64, Option<Origin>)> {
-    let (origin, path) = if location.contains("://") {
-        let (origin, _, path) = split_url(location).ok()?;
-        (Some(origin), path)
-    } else {
-        (None, location)
+    let uri: Uri = location.parse().ok()?;
+    let origin = match uri.scheme() {
+        Some(_) => Some(origin(&uri)?),
+        None => None,
     };
-    let path = path.split(['?', '#']).next().unwrap_or_default();
-    let id = path.strip_prefix('/').unwrap_or(path);
-    let (_, id) = id.rsplit_once("build/")?;
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) || !path.contains("/build/") {
+    let (_, id) = uri.path().rsplit_once("/build/")?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     Some((id.parse().ok()?, origin))
 }
 
+/// `GET /jobset/P/J/evals`: one page of evaluations, newest first.
+#[derive(Deserialize)]
+#[serde(expecting = "Hydra's list of evaluations {\"evals\": […], …}")]
+struct EvalsPage {
+    evals: Vec<EvalSummary>,
+    /// Absent on the last page.
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(expecting = "an evaluation object")]
+struct EvalSummary {
+    id: u64,
+}
+
+/// A build object as Hydra sends it (`GET /build/ID`, and each of
+/// `GET /eval/ID/builds`): the fields hail reads, checked as far as their
+/// types go; [`HydraBuild::deployable`] checks the rest.
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "a Hydra build object")]
+struct HydraBuild {
+    #[serde(deserialize_with = "build_id")]
+    id: u64,
+    #[serde(deserialize_with = "zero_or_one")]
+    finished: bool,
+    /// `null` while unfinished.
+    #[serde(deserialize_with = "build_status")]
+    buildstatus: Option<i64>,
+    /// Anything but a Unix time is `None`, so that a broken `stoptime`
+    /// makes the age unknown, not the build undeployable.
+    #[serde(default, deserialize_with = "unix_time")]
+    stoptime: Option<u64>,
+    job: String,
+    system: String,
+    buildoutputs: BTreeMap<String, BuildOutput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "an output like {\"path\": \"/nix/store/…\"}")]
+struct BuildOutput {
+    /// `null` for a content-addressed derivation.
+    #[serde(deserialize_with = "output_path")]
+    path: Option<String>,
+}
+
+impl HydraBuild {
+    /// This build as build `id` to deploy: finished, successful, and with a
+    /// well-formed `output` path. Every complaint quotes what Hydra sent.
+    fn deployable(&self, id: u64, output: &str, store: &StoreDir) -> Result<Build> {
+        if self.id != id {
+            bail!("its id is {}, not {id}", self.id);
+        }
+        if !self.finished {
+            bail!("it has not finished yet (finished = 0)");
+        }
+        match self.buildstatus {
+            Some(0) => {}
+            Some(code) => bail!(
+                "it did not succeed: buildstatus {code} ({})",
+                build_status_meaning(code)
+            ),
+            None => bail!("its \"buildstatus\" is null, expected an integer"),
+        }
+        let out = self.buildoutputs.get(output).ok_or_else(|| {
+            let names: Vec<&str> = self.buildoutputs.keys().map(String::as_str).collect();
+            anyhow!("it has no output {output:?} (its outputs: {names:?}; --output chooses one)")
+        })?;
+        let Some(path) = &out.path else {
+            bail!(
+                "its output {output:?} has no path (a content-addressed derivation): Hydra cannot \
+                 tell which store path to deploy"
+            );
+        };
+        let out_path = store.parse(path).map_err(|why| {
+            anyhow!(
+                "its output path {:?} is not a valid store path: {why}",
+                shorten(path)
+            )
+        })?;
+        Ok(Build {
+            id: self.id,
+            out_path,
+            stoptime: self.stoptime,
+            system: self.system.clone(),
+        })
+    }
+}
+
+/// Hydra's integer fields, or `null`; `expecting` says which field and what
+/// it must be, so that serde's error names it.
+struct IntegerOrNull(&'static str);
+
+impl<'de> Visitor<'de> for IntegerOrNull {
+    type Value = Option<i64>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Some(v))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        i64::try_from(v)
+            .map(Some)
+            .map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// An integer field that must not be `null`.
+fn integer<'de, D: Deserializer<'de>>(d: D, expected: &'static str) -> Result<i64, D::Error> {
+    d.deserialize_any(IntegerOrNull(expected))?
+        .ok_or_else(|| de::Error::invalid_type(Unexpected::Unit, &expected))
+}
+
+fn build_id<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    const EXPECTED: &str = "\"id\" as a build number";
+    let id = integer(d, EXPECTED)?;
+    u64::try_from(id).map_err(|_| de::Error::invalid_value(Unexpected::Signed(id), &EXPECTED))
+}
+
+/// Hydra's `finished` is an integer, not the boolean its API description says.
+fn zero_or_one<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    const EXPECTED: &str = "\"finished\" as the integer 0 or 1";
+    match integer(d, EXPECTED)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(de::Error::invalid_value(
+            Unexpected::Signed(other),
+            &EXPECTED,
+        )),
+    }
+}
+
+fn build_status<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    d.deserialize_any(IntegerOrNull("\"buildstatus\" as an integer or null"))
+}
+
+fn unix_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Time {
+        Known(u64),
+        Unknown(IgnoredAny),
+    }
+    Ok(match Time::deserialize(d)? {
+        Time::Known(time) => Some(time),
+        Time::Unknown(_) => None,
+    })
+}
+
+/// A string, or `null`.
+struct StringOrNull(&'static str);
+
+impl<'de> Visitor<'de> for StringOrNull {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(v.to_owned()))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+fn output_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    d.deserialize_any(StringOrNull(
+        "\"path\" as a store path, or null for a content-addressed derivation",
+    ))
+}
+
 enum EvalVerdict<'a> {
-    Deploy(&'a Value),
+    Deploy(&'a HydraBuild),
     Skip(String),
 }
 
 /// Whether an evaluation's builds all finished successfully, and if so,
 /// which of them is this job's (for `system`, if given).
-fn eval_verdict<'a>(builds: &'a [Value], job: &str, system: Option<&str>) -> EvalVerdict<'a> {
-    let unfinished = builds
-        .iter()
-        .filter(|b| b.get("finished").and_then(Value::as_i64) != Some(1))
-        .count();
+fn eval_verdict<'a>(builds: &'a [HydraBuild], job: &str, system: Option<&str>) -> EvalVerdict<'a> {
+    let unfinished = builds.iter().filter(|b| !b.finished).count();
     if unfinished > 0 {
         return EvalVerdict::Skip(format!("has {unfinished} unfinished builds"));
     }
-    let failed = builds
-        .iter()
-        .filter(|b| b.get("buildstatus").and_then(Value::as_i64) != Some(0))
-        .count();
+    let failed = builds.iter().filter(|b| b.buildstatus != Some(0)).count();
     if failed > 0 {
         return EvalVerdict::Skip(format!("has {failed} failed builds"));
     }
-    let ours = builds.iter().find(|b| {
-        b.get("job").and_then(Value::as_str) == Some(job)
-            && system.is_none_or(|s| b.get("system").and_then(Value::as_str) == Some(s))
-    });
-    match ours {
-        Some(build) => EvalVerdict::Deploy(build),
-        None => EvalVerdict::Skip(format!("has no build of {job}")),
+    let ours = builds
+        .iter()
+        .find(|b| b.job == job && system.is_none_or(|s| b.system == s));
+    match (ours, system) {
+        (Some(build), _) => EvalVerdict::Deploy(build),
+        (None, Some(system)) if builds.iter().any(|b| b.job == job) => {
+            EvalVerdict::Skip(format!("has no build of {job} for {system}"))
+        }
+        (None, _) => EvalVerdict::Skip(format!("has no build of {job}")),
     }
 }
 
-/// Validates a Hydra build object as a finished, successful build with a
-/// well-formed `output` path. Every complaint quotes what Hydra sent.
-pub fn parse_build(
-    json: &Value,
-    expected_id: u64,
-    output: &str,
-    store: &StoreDir,
-) -> Result<Build> {
-    let field = |name: &str| {
-        json.get(name)
-            .ok_or_else(|| anyhow!("it has no {name:?} field"))
-    };
-    if !json.is_object() {
-        bail!("it is not a JSON object: {}", quote(json));
-    }
-    let id = field("id")?;
-    if id.as_u64() != Some(expected_id) {
-        bail!("its id is {}, not {expected_id}", quote(id));
-    }
-    match field("finished")?.as_i64() {
-        Some(1) => {}
-        Some(0) => bail!("it has not finished yet (finished = 0)"),
-        _ => bail!(
-            "its \"finished\" is {}, expected the integer 0 or 1",
-            quote(&json["finished"])
-        ),
-    }
-    let status = field("buildstatus")?;
-    match status.as_i64() {
-        Some(0) => {}
-        Some(code) => bail!(
-            "it did not succeed: buildstatus {code} ({})",
-            build_status_meaning(code)
-        ),
-        None => bail!(
-            "its \"buildstatus\" is {}, expected an integer",
-            quote(status)
-        ),
-    }
-    let outputs = field("buildoutputs")?;
-    let out = outputs.get(output).ok_or_else(|| {
-        let names: Vec<&String> = outputs
-            .as_object()
-            .map(|o| o.keys().collect())
-            .unwrap_or_default();
-        anyhow!(
-            "it has no output {output:?} (its buildoutputs: {})",
-            quote(outputs)
-        )
-        .context(format!("outputs are {names:?}"))
-    })?;
-    let path = match out.get("path") {
-        Some(Value::String(path)) => path,
-        Some(Value::Null) => bail!(
-            "its output {output:?} has no path (a content-addressed derivation): Hydra cannot tell \
-             which store path to deploy"
-        ),
-        _ => bail!(
-            "its output {output:?} is {}, expected {{\"path\": \"/nix/store/…\"}}",
-            quote(out)
-        ),
-    };
-    let out_path = store.parse(path).map_err(|why| {
-        anyhow!(
-            "its output path {} is not a valid store path: {why}",
-            quote(&Value::String(path.clone()))
-        )
-    })?;
-    Ok(Build {
-        id: expected_id,
-        out_path,
-        stoptime: json.get("stoptime").and_then(Value::as_u64),
-        system: json
-            .get("system")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-    })
+/// What `--wait-for-jobset` read of the evaluations.
+#[derive(Default)]
+struct EvalsRead {
+    checked: usize,
+    /// More evaluations exist than were read.
+    more: bool,
+    /// Why each evaluation read was not deployed, newest first.
+    skipped: Vec<String>,
+    /// The systems the job has builds for in the evaluations read.
+    job_systems: BTreeSet<String>,
 }
 
 fn build_status_meaning(code: i64) -> &'static str {
@@ -717,10 +946,6 @@ fn build_status_meaning(code: i64) -> &'static str {
 
 const QUOTE_MAX: usize = 200;
 
-fn quote(value: &Value) -> String {
-    shorten(&value.to_string())
-}
-
 fn quote_bytes(body: &[u8]) -> String {
     format!("{:?}", shorten(&String::from_utf8_lossy(body)))
 }
@@ -732,15 +957,11 @@ fn shorten(text: &str) -> String {
     }
 }
 
-/// The roots hail trusts for https: `NIX_SSL_CERT_FILE`, `SSL_CERT_FILE`, or
-/// the system bundle, so a Hydra behind a private CA works like it does for nix.
+/// The roots hail trusts for https: the file `NIX_SSL_CERT_FILE` or
+/// `SSL_CERT_FILE` names, as for nix, so a Hydra behind a private CA works
+/// the same; otherwise the platform's trust store (rustls-platform-verifier:
+/// on Linux, the distribution's CA bundle or `SSL_CERT_DIR`).
 fn tls_config() -> Result<ureq::tls::TlsConfig> {
-    const SYSTEM_BUNDLES: &[&str] = &[
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-        "/etc/ssl/ca-bundle.pem",
-        "/etc/ssl/cert.pem",
-    ];
     let from_env = ["NIX_SSL_CERT_FILE", "SSL_CERT_FILE"]
         .iter()
         .find_map(|var| {
@@ -748,26 +969,14 @@ fn tls_config() -> Result<ureq::tls::TlsConfig> {
                 .filter(|v| !v.is_empty())
                 .map(|v| (*var, PathBuf::from(v)))
         });
-    let (source, file) = match from_env {
-        Some((var, file)) => (var, file),
-        None => (
-            "the system trust store",
-            SYSTEM_BUNDLES
-                .iter()
-                .map(PathBuf::from)
-                .find(|p| p.exists())
-                .ok_or_else(|| {
-                    anyhow!(
-                        "no CA certificates found (looked for {}); install your distribution's \
-                         ca-certificates or set SSL_CERT_FILE",
-                        SYSTEM_BUNDLES.join(", ")
-                    )
-                })?,
-        ),
+    let Some((var, file)) = from_env else {
+        return Ok(ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+            .build());
     };
     let pem = std::fs::read(&file).with_context(|| {
         format!(
-            "cannot read CA certificates {} (from {source})",
+            "cannot read CA certificates {} (from {var})",
             file.display()
         )
     })?;
@@ -778,10 +987,7 @@ fn tls_config() -> Result<ureq::tls::TlsConfig> {
         })
         .collect();
     if certs.is_empty() {
-        bail!(
-            "{} (from {source}) holds no PEM certificates",
-            file.display()
-        );
+        bail!("{} (from {var}) holds no PEM certificates", file.display());
     }
     Ok(ureq::tls::TlsConfig::builder()
         .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
@@ -790,10 +996,25 @@ fn tls_config() -> Result<ureq::tls::TlsConfig> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
 
-    fn build_json() -> Value {
-        serde_json::from_str(include_str!("../tests/data/hydra/build.json")).unwrap()
+    fn captured(name: &str) -> Value {
+        let path = format!("{}/tests/data/hydra/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn decode<T: DeserializeOwned>(json: &Value) -> Result<T, String> {
+        serde_json::from_str(&json.to_string()).map_err(|e| e.to_string())
+    }
+
+    /// What a pass makes of `json` served as `/build/ID`.
+    fn deploy(json: &Value, id: u64, output: &str) -> Result<Build, String> {
+        let store = StoreDir::new("/nix/store");
+        decode::<HydraBuild>(json)?
+            .deployable(id, output, &store)
+            .map_err(|e| format!("{e:#}"))
     }
 
     #[test]
@@ -820,6 +1041,12 @@ mod tests {
         let j = JobUri::parse("http://[::1]:8080/job/a/b/c").unwrap();
         assert_eq!((j.host.as_str(), j.port), ("[::1]", 8080));
 
+        let j = JobUri::parse("HTTPS://Hydra.Example.org/job/p/j/web").unwrap();
+        assert_eq!(
+            (j.scheme.as_str(), j.host.as_str()),
+            ("https", "hydra.example.org")
+        );
+
         for bad in [
             "",
             "hydra.example.org/job/p/j/web",
@@ -831,12 +1058,37 @@ mod tests {
             "https:///job/p/j/web",
             "https://hydra:0/job/p/j/web",
             "https://hydra:x/job/p/j/web",
+            "https://hydra:/job/p/j/web",
+            "https://hydra:99999/job/p/j/web",
+            "https://hy!dra/job/p/j/web",
             "https://user:pw@hydra/job/p/j/web",
             "https://hydra/job/p/j/web?x=1",
+            "https://hydra/job/p/j/web#x",
             "https://hydra/job/p/j/we b",
         ] {
             assert!(JobUri::parse(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn credentials_in_a_job_uri_are_refused_without_repeating_them() {
+        for uri in [
+            "https://ci:s3cret@hydra/job/p/j/web",
+            "https://ci:s3c@ret@hydra/job/p/j/web",
+            "https://ci:s3c/ret@hydra/job/p/j/web",
+            "https://ci:s3c ret@hydra/job/p/j/web",
+            "ci:s3cret@hydra/job/p/j/web",
+            "ftp://ci:s3cret@hydra/job/p/j/web",
+        ] {
+            let err = JobUri::parse(uri).unwrap_err();
+            assert!(err.contains("carries credentials"), "{uri}: {err}");
+            assert!(!err.contains("s3c"), "{uri}: {err}");
+        }
+        assert_eq!(
+            JobUri::parse("https://ci:s3cret@hydra/job/p/j/web").unwrap_err(),
+            "\"https://…@hydra/job/p/j/web\" carries credentials; put them in a netrc file \
+             (--netrc-file) instead"
+        );
     }
 
     #[test]
@@ -863,6 +1115,9 @@ mod tests {
             "https://h/build/-1",
             "https://h/build/4x",
             "https://h/xbuild/4",
+            "https://u:p@h/build/4",
+            "ftp://h/build/4",
+            "build/4",
             "",
         ] {
             assert_eq!(build_id_from_location(bad), None, "{bad}");
@@ -870,71 +1125,135 @@ mod tests {
     }
 
     #[test]
-    fn base64_matches_rfc4648() {
-        for (raw, encoded) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("Aladdin:open sesame", "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),
+    fn basic_auth_header() {
+        // RFC 7617's example.
+        let credentials = Credentials {
+            login: "Aladdin".into(),
+            password: "open sesame".into(),
+        };
+        assert_eq!(
+            credentials.header_value(),
+            "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+        );
+    }
+
+    #[test]
+    fn captured_answers_decode() {
+        let page: EvalsPage = decode(&captured("evals.json")).unwrap();
+        let ids: Vec<u64> = page.evals.iter().map(|e| e.id).collect();
+        assert_eq!((ids, page.next), (vec![3, 2, 1], None));
+        let page: EvalsPage = decode(&captured("evals-page2.json")).unwrap();
+        assert!(page.evals.is_empty());
+
+        let builds: Vec<HydraBuild> = decode(&captured("eval-builds.json")).unwrap();
+        assert_eq!(builds.len(), 3);
+
+        for (file, meaning) in [
+            ("404-jobset.json", Some(Missing::Jobset)),
+            ("404-latest.json", Some(Missing::SuccessfulBuild)),
+            ("404-latest-for.json", Some(Missing::SuccessfulBuild)),
+            ("404.json", None),
         ] {
-            assert_eq!(base64(raw.as_bytes()), encoded);
+            let error: HydraError = decode(&captured(file)).unwrap();
+            assert_eq!(Missing::from_message(&error.error), meaning, "{file}");
         }
     }
 
     #[test]
     fn eval_verdicts_on_captured_builds() {
-        let builds: Value =
-            serde_json::from_str(include_str!("../tests/data/hydra/eval-builds.json")).unwrap();
-        let builds = builds.as_array().unwrap();
+        let builds: Vec<HydraBuild> = decode(&captured("eval-builds.json")).unwrap();
         // Build 5 of evaluation 3 is still queued.
         assert!(
-            matches!(eval_verdict(builds, "agent", None), EvalVerdict::Skip(why) if why.contains("1 unfinished"))
+            matches!(eval_verdict(&builds, "agent", None), EvalVerdict::Skip(why) if why == "has 1 unfinished builds")
         );
-        let finished: Vec<Value> = builds
-            .iter()
-            .filter(|b| b["finished"] == 1)
-            .cloned()
-            .collect();
-        let EvalVerdict::Deploy(build) = eval_verdict(&finished, "agent", Some("x86_64-linux"))
-        else {
-            panic!("no deployable build");
+        let finished: Vec<HydraBuild> = builds.into_iter().filter(|b| b.finished).collect();
+        let verdict = |job, system| match eval_verdict(&finished, job, system) {
+            EvalVerdict::Deploy(build) => Ok(build.id),
+            EvalVerdict::Skip(why) => Err(why),
         };
-        assert_eq!(build["id"], 4);
-        let EvalVerdict::Deploy(build) = eval_verdict(&finished, "agent", Some("aarch64-linux"))
-        else {
-            panic!("no deployable build");
-        };
-        assert_eq!(build["id"], 3);
-        assert!(matches!(
-            eval_verdict(&finished, "nosuch", None),
-            EvalVerdict::Skip(_)
-        ));
+        assert_eq!(verdict("agent", Some("x86_64-linux")), Ok(4));
+        assert_eq!(verdict("agent", Some("aarch64-linux")), Ok(3));
+        assert_eq!(
+            verdict("agent", Some("riscv64-linux")),
+            Err("has no build of agent for riscv64-linux".into())
+        );
+        assert_eq!(
+            verdict("nosuch", None),
+            Err("has no build of nosuch".into())
+        );
     }
 
     #[test]
-    fn parses_the_captured_build() {
-        let store = StoreDir::new("/nix/store");
-        let build = parse_build(&build_json(), 4, "out", &store).unwrap();
+    fn deploys_the_captured_build() {
+        let build = deploy(&captured("build.json"), 4, "out").unwrap();
         assert_eq!(build.id, 4);
         assert_eq!(build.stoptime, Some(1_700_000_220));
-        assert!(parse_build(&build_json(), 4, "bin", &store).is_err());
-        assert!(build.out_path.as_str().starts_with("/nix/store/"));
+        assert_eq!(build.system, "x86_64-linux");
+        assert_eq!(
+            build.out_path.as_str(),
+            "/nix/store/ywd0s510ywbfhczmgis9ywb3y0q8xcwn-hail-test-agent-2"
+        );
+        let err = deploy(&captured("build.json"), 4, "bin").unwrap_err();
+        assert!(
+            err.contains("no output \"bin\" (its outputs: [\"out\"]"),
+            "{err}"
+        );
+        let err = deploy(&captured("build-unfinished.json"), 5, "out").unwrap_err();
+        assert!(err.contains("has not finished"), "{err}");
+        let err = deploy(&captured("build-failed.json"), 2, "out").unwrap_err();
+        assert!(err.contains("buildstatus 1 (failed)"), "{err}");
+    }
+
+    #[test]
+    fn stoptime_missing_null_or_malformed_is_an_unknown_age() {
+        for stoptime in [
+            None,
+            Some(Value::Null),
+            Some(json!("yesterday")),
+            Some(json!(-5)),
+            Some(json!(1.7e9)),
+            Some(json!({})),
+        ] {
+            let mut json = captured("build.json");
+            match &stoptime {
+                None => {
+                    json.as_object_mut().unwrap().remove("stoptime");
+                }
+                Some(value) => json["stoptime"] = value.clone(),
+            }
+            let build = deploy(&json, 4, "out").unwrap();
+            assert_eq!(build.stoptime, None, "{stoptime:?}");
+        }
     }
 
     #[test]
     fn rejects_what_cannot_be_deployed() {
-        let store = StoreDir::new("/nix/store");
         type Mutation = Box<dyn Fn(&mut Value)>;
         let cases: Vec<(&str, Mutation)> = vec![
-            ("not 5", Box::new(|_| {})),
-            ("finished", Box::new(|b| b["finished"] = Value::Bool(true))),
-            ("not finished", Box::new(|b| b["finished"] = 0.into())),
-            ("buildstatus 1", Box::new(|b| b["buildstatus"] = 1.into())),
-            ("buildstatus", Box::new(|b| b["buildstatus"] = Value::Null)),
+            ("its id is 4, not 5", Box::new(|_| {})),
             (
-                "no \"buildoutputs\"",
+                "invalid type: boolean `true`, expected \"finished\" as the integer 0 or 1",
+                Box::new(|b| b["finished"] = true.into()),
+            ),
+            (
+                "invalid value: integer `2`, expected \"finished\" as the integer 0 or 1",
+                Box::new(|b| b["finished"] = 2.into()),
+            ),
+            (
+                "has not finished yet",
+                Box::new(|b| b["finished"] = 0.into()),
+            ),
+            ("buildstatus 1", Box::new(|b| b["buildstatus"] = 1.into())),
+            (
+                "\"buildstatus\" is null",
+                Box::new(|b| b["buildstatus"] = Value::Null),
+            ),
+            (
+                "expected \"buildstatus\" as an integer or null",
+                Box::new(|b| b["buildstatus"] = "0".into()),
+            ),
+            (
+                "missing field `buildoutputs`",
                 Box::new(|b| {
                     b.as_object_mut().unwrap().remove("buildoutputs");
                 }),
@@ -944,19 +1263,39 @@ mod tests {
                 Box::new(|b| b["buildoutputs"]["out"]["path"] = Value::Null),
             ),
             (
+                "missing field `path`",
+                Box::new(|b| b["buildoutputs"]["out"] = json!({})),
+            ),
+            (
+                "expected an output like {\"path\": \"/nix/store/…\"}",
+                Box::new(|b| b["buildoutputs"]["out"] = "/nix/store/x".into()),
+            ),
+            (
+                "expected \"path\" as a store path",
+                Box::new(|b| b["buildoutputs"]["out"]["path"] = 7.into()),
+            ),
+            (
                 "not a valid store path",
                 Box::new(|b| b["buildoutputs"]["out"]["path"] = "/nix/store/../../etc".into()),
             ),
-            ("is \"4\"", Box::new(|b| b["id"] = "4".into())),
+            (
+                "invalid type: string \"4\", expected \"id\" as a build number",
+                Box::new(|b| b["id"] = "4".into()),
+            ),
+            (
+                "invalid length 0, expected a Hydra build object",
+                Box::new(|b| *b = json!([])),
+            ),
+            (
+                "invalid type: string \"4\", expected a Hydra build object",
+                Box::new(|b| *b = "4".into()),
+            ),
         ];
         for (expected, mutate) in cases {
-            let mut json = build_json();
+            let mut json = captured("build.json");
             mutate(&mut json);
-            let wanted_id = if expected == "not 5" { 5 } else { 4 };
-            let err = format!(
-                "{:#}",
-                parse_build(&json, wanted_id, "out", &store).unwrap_err()
-            );
+            let wanted_id = if expected.contains("not 5") { 5 } else { 4 };
+            let err = deploy(&json, wanted_id, "out").unwrap_err();
             assert!(err.contains(expected), "{expected:?} not in {err:?}");
         }
     }

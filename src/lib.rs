@@ -137,14 +137,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 (false, false, Some(system)) => Selection::LatestFor(system),
                 (false, false, None) => Selection::Latest,
             };
-            let hydra = hydra::Client::new(
+            let hydra = hydra::Client::new(hydra::ClientConfig {
                 job,
                 credentials,
                 timeouts,
-                store.clone(),
+                store: store.clone(),
                 selection,
-                args.output,
-            )?;
+                output: args.output,
+            })?;
             let pass = Pass {
                 hydra,
                 runner: Runner::detect(&profile.name),

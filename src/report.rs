@@ -7,12 +7,24 @@ use log::{Level, LevelFilter, Log, Metadata, Record};
 
 /// Sets up logging for one profile: every record names it, as a
 /// `HAIL_PROFILE=` field in the journal or a `[profile]` prefix on stderr.
+/// `HAIL_LOG` sets the level (error, warn, info, debug, trace; default info).
 pub fn init(profile: Option<&str>, job_uri: Option<&str>) {
-    let level = match std::env::var("HAIL_LOG").as_deref() {
-        Ok("debug") => LevelFilter::Debug,
-        Ok("warn") => LevelFilter::Warn,
+    let requested = std::env::var("HAIL_LOG").ok().filter(|v| !v.is_empty());
+    let parsed = requested.as_deref().map(str::parse::<LevelFilter>);
+    let level = match parsed {
+        Some(Ok(level)) => level,
         _ => LevelFilter::Info,
     };
+    install(profile, job_uri);
+    log::set_max_level(level);
+    if let (Some(requested), Some(Err(_))) = (requested, parsed) {
+        log::warn!(
+            "HAIL_LOG={requested:?} is not a log level (error, warn, info, debug, trace); using info"
+        );
+    }
+}
+
+fn install(profile: Option<&str>, job_uri: Option<&str>) {
     if systemd_journal_logger::connected_to_journal() {
         let mut fields = Vec::new();
         if let Some(profile) = profile {
@@ -25,8 +37,7 @@ pub fn init(profile: Option<&str>, job_uri: Option<&str>) {
             let journal = journal
                 .with_extra_fields(fields)
                 .with_syslog_identifier("hail".into());
-            if journal.install().is_ok() {
-                log::set_max_level(level);
+            if log::set_boxed_logger(Box::new(OwnRecords(journal))).is_ok() {
                 return;
             }
         }
@@ -35,8 +46,26 @@ pub fn init(profile: Option<&str>, job_uri: Option<&str>) {
         Some(profile) => format!("hail[{profile}]: "),
         None => "hail: ".into(),
     };
-    if log::set_boxed_logger(Box::new(StderrLog { prefix })).is_ok() {
-        log::set_max_level(level);
+    let _ = log::set_boxed_logger(Box::new(OwnRecords(StderrLog { prefix })));
+}
+
+/// Passes on hail's own records only: a library's (say the TLS verifier's
+/// error about a certificate) would repeat what hail's one error says.
+struct OwnRecords<L>(L);
+
+impl<L: Log> Log for OwnRecords<L> {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.target().starts_with("hail") && self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if self.enabled(record.metadata()) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
     }
 }
 

@@ -7,6 +7,7 @@ mod bench;
 mod common;
 mod faults;
 mod files;
+mod messages;
 mod nixlib;
 mod nixos;
 mod observe;

@@ -61,6 +61,10 @@ struct Shared {
     /// reverse proxy without the right X-Forwarded-* headers).
     location_origin: Option<String>,
     basic_auth: Option<String>,
+    /// Hydra's global `private = 1`: 403 on every page without a session.
+    private: bool,
+    /// Hydra's `jobsetrenames`: (project, old name, new name).
+    renamed_jobsets: Vec<(String, String, String)>,
     cache_dir: Option<PathBuf>,
 }
 
@@ -180,6 +184,21 @@ impl Hydra {
         self.with(|s| s.basic_auth = Some(format!("Basic {token}")));
     }
 
+    /// Hydra's global `private = 1`: every page, the cache included, answers
+    /// 403 without a login session, whatever `Authorization` says.
+    pub fn make_private(&self) {
+        self.with(|s| s.private = true);
+    }
+
+    /// Renames jobset `hail:from` to `to`, as Hydra's jobset settings do: the
+    /// old name answers 301 to the new one on every job and jobset endpoint.
+    pub fn rename_jobset(&self, from: &str, to: &str) {
+        self.with(|s| {
+            s.renamed_jobsets
+                .push(("hail".into(), from.into(), to.into()))
+        });
+    }
+
     pub fn serve_cache(&self, dir: PathBuf) {
         self.with(|s| s.cache_dir = Some(dir));
     }
@@ -284,7 +303,7 @@ fn serve(conn: TcpStream, shared: &Mutex<Shared>, stop: &AtomicBool) {
             (Some(Fault::Respond(status, ctype, body)), _) => {
                 encode(status, &[("Content-Type", ctype)], &body)
             }
-            (Some(Fault::Redirect(location)), _) => redirect(&location),
+            (Some(Fault::Redirect(location)), _) => redirect(302, &location),
             (None, Some(bytes)) => bytes,
             (None, None) => return,
         };
@@ -341,25 +360,60 @@ fn answer(s: &Shared, request: &Request) -> Vec<u8> {
             b"<html><head><title>401 Authorization Required</title></head><body><center><h1>401 Authorization Required</h1></center><hr><center>nginx</center></body></html>\n",
         );
     }
-    let path = request.path.split('?').next().unwrap_or_default();
+    let json = wants_json(request);
+    if s.private {
+        return error(json, 403, "This page requires you to sign in.");
+    }
+    let (path, query) = request
+        .path
+        .split_once('?')
+        .unwrap_or((request.path.as_str(), ""));
     if is_cache_path(path) {
         return cache_file(s, path);
     }
-    let json = wants_json(request);
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let known_jobset =
-        |project: &str, jobset: &str| s.jobsets.iter().any(|(p, j)| p == project && j == jobset);
-    match segments[..] {
-        ["job", project, jobset, job, "latest"]
-        | ["job", project, jobset, job, "latest-for", _]
-        | ["job", project, jobset, job, "latest-finished"] => {
-            if !known_jobset(project, jobset) {
-                return error(
+    // Hydra's job and jobset chains look the jobset up first: 404 if
+    // unknown, 301 to the new name if renamed, for every endpoint below them.
+    if let ["job" | "jobset", project, jobset, ..] = segments[..]
+        && !s.jobsets.iter().any(|(p, j)| p == project && j == jobset)
+    {
+        let renamed = s
+            .renamed_jobsets
+            .iter()
+            .find(|(p, from, _)| p == project && from == jobset);
+        return match renamed {
+            Some((_, _, to)) => {
+                let mut moved = segments.clone();
+                moved[2] = to;
+                let query = if query.is_empty() {
+                    String::new()
+                } else {
+                    format!("?{query}")
+                };
+                redirect(
+                    301,
+                    &format!("{}/{}{query}", location_origin(s, request), moved.join("/")),
+                )
+            }
+            // The jobset chain checks the project first; the job chain does not.
+            None if segments[0] == "jobset" && !s.jobsets.iter().any(|(p, _)| p == project) => {
+                error(
                     json,
                     404,
-                    &format!("Jobset \u{2018}{jobset}\u{2019} doesn't exist."),
-                );
+                    &format!("Project \u{2018}{project}\u{2019} doesn't exist."),
+                )
             }
+            None => error(
+                json,
+                404,
+                &format!("Jobset \u{2018}{jobset}\u{2019} doesn't exist."),
+            ),
+        };
+    }
+    match segments[..] {
+        ["job", _, _, job, "latest"]
+        | ["job", _, _, job, "latest-for", _]
+        | ["job", _, _, job, "latest-finished"] => {
             let system = match segments[4..] {
                 ["latest-for", system] => Some(system),
                 _ => None,
@@ -375,10 +429,7 @@ fn answer(s: &Shared, request: &Request) -> Vec<u8> {
             });
             match (latest, system) {
                 (Some((id, _)), _) => {
-                    let origin = s.location_origin.clone().unwrap_or_else(|| {
-                        format!("http://{}", request.header("Host").unwrap_or("localhost"))
-                    });
-                    redirect(&format!("{origin}/build/{id}"))
+                    redirect(302, &format!("{}/build/{id}", location_origin(s, request)))
                 }
                 (None, Some(system)) => error(
                     json,
@@ -390,7 +441,7 @@ fn answer(s: &Shared, request: &Request) -> Vec<u8> {
                 (None, None) => error(json, 404, "There is no successful build to redirect to."),
             }
         }
-        ["jobset", project, jobset, "evals"] if json && known_jobset(project, jobset) => {
+        ["jobset", _, _, "evals"] if json => {
             let page: usize = request
                 .path
                 .split_once("?page=")
@@ -521,12 +572,21 @@ fn cache_file(s: &Shared, path: &str) -> Vec<u8> {
     }
 }
 
-fn redirect(location: &str) -> Vec<u8> {
+/// Where Hydra's redirects point: built from the request's Host, unless a
+/// misconfigured proxy is simulated.
+fn location_origin(s: &Shared, request: &Request) -> String {
+    s.location_origin
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", request.header("Host").unwrap_or("localhost")))
+}
+
+/// Catalyst's redirect: its "Moved" page whatever the Accept.
+fn redirect(status: u16, location: &str) -> Vec<u8> {
     let body = format!(
         "<!DOCTYPE html PUBLIC \"-//W3C//DTD XHTML 1.0 Strict//EN\" \"http://www.w3.org/TR/xhtml1/DTD/xhtml1-strict.dtd\">\n    <html xmlns=\"http://www.w3.org/1999/xhtml\">\n    <head>\n    <title>Moved</title>\n    </head>\n    <body>\n   <p>This item has moved <a href=\"{location}\">here</a>.</p>\n</body>\n</html>\n"
     );
     encode(
-        302,
+        status,
         &[
             ("Location", location),
             ("Content-Type", "text/html; charset=utf-8"),
