@@ -1,5 +1,6 @@
 //! Running a profile's `bin/activate`: in its own process group, with a
-//! deadline, and with the tail of its stderr kept for the error message.
+//! deadline, its output passed on and the tail of its stderr kept for the
+//! error message (all through [`process::run_bounded`]).
 //!
 //! Under systemd (hail runs in a unit: `INVOCATION_ID` is set) activate runs
 //! in a transient unit of its own, `hail-activation-PROFILE.service`, through
@@ -10,29 +11,25 @@
 //! and runs it again (activate scripts are idempotent by contract). The fixed
 //! unit name also keeps two activations of one profile from overlapping.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread::JoinHandle;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::process;
+use crate::process::{self, Deadline, Echo};
 use crate::profile::ProfileName;
+use crate::state;
 
-/// Lines of activate's stderr quoted when it fails.
-const STDERR_TAIL_LINES: usize = 10;
-/// After SIGTERM, how long activate's process group may take to go.
-const KILL_GRACE: Duration = Duration::from_secs(5);
-/// After activate exits, how long its output may take to drain. A daemon it
-/// started in the background can hold the pipes open forever; we do not wait
-/// for that.
-const DRAIN: Duration = Duration::from_millis(500);
-
-type Tail = Arc<Mutex<VecDeque<String>>>;
+/// How long systemd gives the transient unit to stop once its time is up
+/// (SIGTERM, then SIGKILL).
+const UNIT_STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// What hail allows `systemd-run --wait` beyond the activation's own timeout
+/// (the unit stopping): only a backstop for a systemd-run
+/// that hangs, since systemd ends the unit itself.
+const SYSTEMD_RUN_BACKSTOP: Duration = Duration::from_secs(60);
+/// Bound on each question to systemd or the journal.
+const SYSTEMD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub enum Activation {
@@ -46,11 +43,12 @@ pub enum Activation {
 pub struct ActivationFailure {
     /// "exited with status 1", "was killed by signal 9", "timed out after 600 s".
     pub how: String,
+    /// The last lines of its stderr, bounded by [`process::quote`].
     pub stderr_tail: Option<String>,
 }
 
 /// How activate is started.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Runner {
     /// A child of hail in its own process group.
     Direct,
@@ -101,104 +99,47 @@ pub fn run_script(
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<Activation> {
-    let script = script.to_path_buf();
     if !script.exists() {
         return Ok(Activation::NoScript);
     }
-    let (mut cmd, deadline) = match runner {
-        Runner::Direct => (activate_command(&script, env), timeout),
-        // systemd enforces the timeout on the unit (RuntimeMaxSec); hail's own
-        // deadline is only a backstop for a systemd-run that hangs.
-        Runner::TransientUnit(unit) => {
-            wait_for_unit(unit, timeout)?;
-            (
-                systemd_run_command(unit, &script, env, inherited_env(), timeout),
-                timeout + KILL_GRACE * 6,
-            )
+    let unit = match runner {
+        Runner::Direct => {
+            let finished =
+                process::run_bounded(activate_command(script, env), timeout, Echo::Both)?;
+            return Ok(outcome(&finished, Vec::new()));
         }
+        Runner::TransientUnit(unit) => unit,
     };
-    let started = crate::state::now();
-    let shown = process::display(&cmd);
-    let mut child = cmd.spawn().with_context(|| format!("cannot run {shown}"))?;
-    let pid = child.id();
-
-    let tail = Tail::default();
-    let mut readers = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        readers.push(std::thread::spawn(move || forward(out, None)));
-    }
-    if let Some(err) = child.stderr.take() {
-        let tail = Arc::clone(&tail);
-        readers.push(std::thread::spawn(move || forward(err, Some(tail))));
-    }
-
-    let (done_tx, done) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done_tx.send(child.wait());
-    });
-    let (status, timed_out): (std::io::Result<ExitStatus>, bool) = match done.recv_timeout(deadline)
-    {
-        Ok(status) => (status, false),
-        Err(_) => {
-            log::warn!(
-                "{shown} did not finish within {} s; ending its process group",
-                deadline.as_secs()
-            );
-            kill_group(pid, rustix::process::Signal::TERM);
-            let status = match done.recv_timeout(KILL_GRACE) {
-                Ok(status) => status,
-                Err(_) => {
-                    kill_group(pid, rustix::process::Signal::KILL);
-                    done.recv()
-                        .unwrap_or_else(|_| Err(std::io::Error::other("waiter vanished")))
-                }
-            };
-            (status, true)
-        }
-    };
-    // Whatever activate left behind in its group must not outlive a timeout.
-    if timed_out {
-        kill_group(pid, rustix::process::Signal::KILL);
-    }
-    let status = status.with_context(|| format!("cannot wait for {shown}"))?;
-    drain(readers);
-    let tail: Vec<String> = tail
-        .lock()
-        .map(|lines| lines.iter().cloned().collect())
-        .unwrap_or_default();
-
-    if status.success() && !timed_out {
+    wait_for_unit(unit, timeout)?;
+    let started = state::now();
+    let cmd = systemd_run_command(unit, script, env, inherited_env(), timeout);
+    // systemd ends the unit at RuntimeMaxSec; hail's deadline is a backstop.
+    let finished = process::run_bounded(cmd, timeout + SYSTEMD_RUN_BACKSTOP, Echo::Both)?;
+    if finished.ending.success() {
         return Ok(Activation::Succeeded);
     }
-    let mut tail = tail;
-    if let Runner::TransientUnit(unit) = runner {
-        tail.extend(journal_tail(unit, started));
-    }
-    let how = if timed_out {
-        format!("timed out after {} s", timeout.as_secs())
-    } else {
-        process::describe(status)
-    };
-    Ok(Activation::Failed(ActivationFailure {
-        how,
-        stderr_tail: (!tail.is_empty()).then(|| tail.join("\n")),
-    }))
+    // systemd-run's own lines, if any, then what the script logged.
+    Ok(outcome(&finished, journal_tail(unit, started)))
 }
 
-/// The activate command: its own process group so a timeout can end
-/// everything it started, and `/` as working directory so it never depends
-/// on where hail was started.
+/// The activation's outcome from how its process ended, quoting the last
+/// lines of its stderr and then `more`.
+fn outcome(finished: &process::Finished, more: Vec<String>) -> Activation {
+    if finished.ending.success() {
+        return Activation::Succeeded;
+    }
+    Activation::Failed(ActivationFailure {
+        how: finished.ending.to_string(),
+        stderr_tail: process::quote(finished.stderr.iter().cloned().chain(more)),
+    })
+}
+
+/// The activate command: `/` as working directory so it never depends on
+/// where hail was started, and `env` added to hail's environment. The runner
+/// gives it its own process group and closes stdin.
 pub fn activate_command(script: &Path, env: &[(&str, &str)]) -> Command {
-    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(script);
-    cmd.current_dir("/")
-        .envs(env.iter().copied())
-        // Only hail itself reports to systemd.
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    cmd.current_dir("/").envs(env.iter().copied());
     cmd
 }
 
@@ -213,7 +154,6 @@ pub fn systemd_run_command(
     timeout: Duration,
 ) -> Command {
     let mut cmd = Command::new("systemd-run");
-    cmd.env_remove("NOTIFY_SOCKET");
     cmd.arg(format!("--unit={unit}"))
         .args([
             "--wait",
@@ -228,13 +168,14 @@ pub fn systemd_run_command(
             "--property=RuntimeMaxSec={}ms",
             timeout.as_millis()
         ))
+        .arg(format!(
+            "--property=TimeoutStopSec={}s",
+            UNIT_STOP_TIMEOUT.as_secs()
+        ))
         .args(inherit.into_iter().map(|name| format!("--setenv={name}")))
         .args(env.iter().map(|(k, v)| format!("--setenv={k}={v}")))
         .arg("--")
-        .arg(script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .arg(script);
     cmd
 }
 
@@ -247,15 +188,17 @@ fn wait_for_unit(unit: &str, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut announced = false;
     loop {
-        let output = Command::new("systemctl")
-            .args(["show", "--property=ActiveState", "--value", unit])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .context("cannot ask systemd about the activation unit")?;
-        let state = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        let state = process::output(
+            systemctl_active_state_command(unit),
+            Deadline::new(
+                SYSTEMD_QUERY_TIMEOUT,
+                "systemd does not answer; look at `systemctl status`",
+            ),
+        )
+        .context("cannot ask systemd about the activation unit")?
+        .join("");
         if !matches!(
-            state.as_str(),
+            state.trim(),
             "active" | "activating" | "deactivating" | "reloading"
         ) {
             return Ok(());
@@ -275,6 +218,13 @@ fn wait_for_unit(unit: &str, timeout: Duration) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `systemctl show --property=ActiveState --value UNIT`.
+fn systemctl_active_state_command(unit: &str) -> Command {
+    let mut cmd = Command::new("systemctl");
+    cmd.args(["show", "--property=ActiveState", "--value", unit]);
+    cmd
 }
 
 /// Names of hail's environment variables that activate inherits, less
@@ -302,60 +252,29 @@ fn inherited_env() -> Vec<String> {
         .collect()
 }
 
-/// The last lines activate wrote to its transient unit's journal.
-fn journal_tail(unit: &str, since: u64) -> Vec<String> {
-    let output = Command::new("journalctl")
-        .arg(format!("--unit={unit}"))
+/// `journalctl` for the last lines the unit's own processes logged since
+/// `since` (Unix time): `_SYSTEMD_UNIT=` matches them only, not PID 1's
+/// messages about the unit ("Main process exited…"), which `--unit=` would add.
+fn journalctl_command(unit: &str, since: u64) -> Command {
+    let mut cmd = Command::new("journalctl");
+    cmd.arg(format!("_SYSTEMD_UNIT={unit}"))
         .arg(format!("--since=@{since}"))
         .args(["--output=cat", "--no-pager", "--quiet"])
-        .arg(format!("--lines={STDERR_TAIL_LINES}"))
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output();
-    match output {
-        Ok(out) => String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect(),
-        Err(_) => Vec::new(),
-    }
+        .arg(format!("--lines={}", process::QUOTED_LINES));
+    cmd
 }
 
-/// Copies a child's output to our stderr line by line, keeping the last
-/// lines in `tail` if given.
-fn forward(from: impl std::io::Read, tail: Option<Tail>) {
-    let mut stderr = std::io::stderr();
-    for line in BufReader::new(from).split(b'\n').map_while(Result::ok) {
-        let _ = stderr.write_all(&line);
-        let _ = stderr.write_all(b"\n");
-        if let Some(Ok(mut tail)) = tail.as_ref().map(|t| t.lock()) {
-            if tail.len() == STDERR_TAIL_LINES {
-                tail.pop_front();
-            }
-            tail.push_back(String::from_utf8_lossy(&line).into_owned());
-        }
-    }
-}
-
-/// Waits briefly for the output readers; abandons those whose pipe a
-/// background process still holds.
-fn drain(readers: Vec<JoinHandle<()>>) {
-    let deadline = Instant::now() + DRAIN;
-    for reader in readers {
-        while !reader.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-}
-
-fn kill_group(pid: u32, signal: rustix::process::Signal) {
-    let pid = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw);
-    if let Some(pid) = pid {
-        // The group may already be gone; that is what we wanted.
-        let _ = rustix::process::kill_process_group(pid, signal);
-    }
+/// The last lines activate wrote to its transient unit's journal; none if
+/// the journal cannot be read (the failure is reported without them).
+fn journal_tail(unit: &str, since: u64) -> Vec<String> {
+    let deadline = Deadline::new(
+        SYSTEMD_QUERY_TIMEOUT,
+        "the journal does not answer; look at `journalctl --verify`",
+    );
+    process::output(journalctl_command(unit, since), deadline).unwrap_or_else(|err| {
+        log::warn!("cannot read the activation's output from the journal: {err:#}");
+        Vec::new()
+    })
 }
 
 #[cfg(test)]
@@ -397,11 +316,45 @@ mod tests {
                 "--description=hail activation",
                 "--working-directory=/",
                 "--property=RuntimeMaxSec=600000ms",
+                "--property=TimeoutStopSec=15s",
                 "--setenv=PATH",
                 "--setenv=HAIL_BUILD_ID=4",
                 "--setenv=HAIL_PREVIOUS_STORE_PATH=",
                 "--",
                 "/p/web/bin/activate",
+            ]
+        );
+    }
+
+    #[test]
+    fn journalctl_argv_matches_the_units_own_lines() {
+        assert_eq!(
+            argv(&journalctl_command(
+                "hail-activation-web.service",
+                1700000000
+            )),
+            [
+                "journalctl",
+                "_SYSTEMD_UNIT=hail-activation-web.service",
+                "--since=@1700000000",
+                "--output=cat",
+                "--no-pager",
+                "--quiet",
+                "--lines=20",
+            ]
+        );
+    }
+
+    #[test]
+    fn systemctl_argv() {
+        assert_eq!(
+            argv(&systemctl_active_state_command("u.service")),
+            [
+                "systemctl",
+                "show",
+                "--property=ActiveState",
+                "--value",
+                "u.service"
             ]
         );
     }
@@ -420,15 +373,25 @@ mod tests {
         panic!("the script stayed busy");
     }
 
+    fn write_activate(profile: &Path, script: &str) {
+        let bin = profile.join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let activate = bin.join("activate");
+        std::fs::write(&activate, script).unwrap();
+        std::fs::set_permissions(
+            &activate,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+    }
+
     #[test]
     fn direct_activation_reports_failure_with_stderr() {
         let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let script = bin.join("activate");
-        std::fs::write(&script, "#!/bin/sh\necho \"cwd=$(pwd) x=$X\" >&2\nexit 3\n").unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        write_activate(
+            dir.path(),
+            "#!/bin/sh\necho \"cwd=$(pwd) x=$X\" >&2\nexit 3\n",
+        );
         let outcome = run_fresh(dir.path(), &[("X", "y")], Duration::from_secs(10));
         match outcome {
             Activation::Failed(failure) => {
@@ -442,20 +405,14 @@ mod tests {
     #[test]
     fn direct_activation_times_out_and_ends_its_group() {
         let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let script = bin.join("activate");
         let marker = dir.path().join("survived");
-        std::fs::write(
-            &script,
-            format!(
+        write_activate(
+            dir.path(),
+            &format!(
                 "#!/bin/sh\n(sleep 2; touch {}) &\nsleep 30\n",
                 marker.display()
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        );
         let outcome = run_fresh(dir.path(), &[], Duration::from_millis(300));
         assert!(
             matches!(&outcome, Activation::Failed(f) if f.how.starts_with("timed out")),
@@ -466,5 +423,12 @@ mod tests {
             !marker.exists(),
             "a process activate started outlived the timeout"
         );
+    }
+
+    #[test]
+    fn a_missing_script_is_no_script() {
+        let dir = tempfile::tempdir().unwrap();
+        let outcome = run(dir.path(), &Runner::Direct, &[], Duration::from_secs(1)).unwrap();
+        assert!(matches!(outcome, Activation::NoScript), "{outcome:?}");
     }
 }

@@ -140,6 +140,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     .state_dir
                     .map_or_else(StateDir::default_from_env, StateDir::new),
                 lock_timeout: args.lock_timeout,
+                nix_timeout: args.nix_timeout,
                 activate_timeout: args.profile.activate_timeout,
                 dry_run: args.dry_run,
                 retry_failed: args.retry_failed,

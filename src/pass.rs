@@ -33,6 +33,8 @@ pub struct Pass {
     pub state: StateDir,
     pub runner: Runner,
     pub lock_timeout: Duration,
+    /// Bound on each nix-env call.
+    pub nix_timeout: Duration,
     pub activate_timeout: Duration,
     pub dry_run: bool,
     /// Deploy a build even though its activation failed before.
@@ -466,7 +468,7 @@ impl Pass {
 
         report::status(&format!("realising build {} {}", build.id, build.out_path));
         self.step.set(Step::Nix);
-        if let Err(err) = self.profile.switch_to(&build.out_path) {
+        if let Err(err) = self.profile.switch_to(&build.out_path, self.nix_timeout) {
             state.deployed = before;
             return Err(err.context(format!("build {} was not deployed", build.id)));
         }
@@ -502,7 +504,7 @@ impl Pass {
         if old.is_empty() {
             return;
         }
-        match self.profile.delete_generations(&old) {
+        match self.profile.delete_generations(&old, self.nix_timeout) {
             Ok(()) => log::info!("deleted old generations {old:?} (--keep-generations {keep})"),
             Err(err) => log::warn!("{err:#}"),
         }
@@ -657,9 +659,11 @@ impl Pass {
         generation: u64,
         failed_generation: Option<u64>,
     ) -> Result<String> {
-        self.profile.switch_generation(generation)?;
+        self.profile
+            .switch_generation(generation, self.nix_timeout)?;
         if let Some(failed) = failed_generation.filter(|g| *g != generation) {
-            self.profile.delete_generations(&[failed])?;
+            self.profile
+                .delete_generations(&[failed], self.nix_timeout)?;
         }
         state.deployed = previous.build_id.map(|build_id| Deployment {
             build_id,
