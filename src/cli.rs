@@ -53,6 +53,25 @@ pub enum Command {
     /// (what `lib.mkManagerProfile`'s bin/activate runs), or take them down.
     #[command(subcommand)]
     Manager(ManagerCommand),
+    /// The transient activation unit's ExecStopPost=: record how the
+    /// activation ended (from systemd's $SERVICE_RESULT, $EXIT_CODE,
+    /// $EXIT_STATUS) for the next pass.
+    #[command(hide = true)]
+    ActivationFinished(ActivationFinishedArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ActivationFinishedArgs {
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    #[arg(long, value_parser = ProfileName::parse)]
+    pub profile: ProfileName,
+    /// The store path that was activated.
+    #[arg(long, value_name = "PATH")]
+    pub store_path: String,
+    /// The activation's timeout, for saying that it ran past it.
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Subcommand)]

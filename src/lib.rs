@@ -34,6 +34,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let (profile, job) = match &cli.command {
         Some(Command::Activate(args)) => (args.profile.profile.as_ref(), None),
+        Some(Command::ActivationFinished(args)) => (Some(&args.profile), None),
         Some(Command::Status(_) | Command::Service(_) | Command::Manager(_)) => (None, None),
         None => (cli.pass.profile.profile.as_ref(), cli.pass.job_uri.as_ref()),
     };
@@ -65,7 +66,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Some(Command::Activate(args)) => {
             let profile = profile_from(&args.profile)?;
-            let runner = Runner::detect(&profile.name);
+            let runner = Runner::detect(&profile.name, &StateDir::default_from_env(), &store);
             pass::activate_existing(&profile, &store, &runner, args.profile.activate_timeout)?;
         }
         Some(Command::Service(command)) => match command {
@@ -101,6 +102,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 None => manager.deactivate()?,
             }
         }
+        Some(Command::ActivationFinished(args)) => {
+            let store_path = store
+                .parse(&args.store_path)
+                .map_err(|e| anyhow::anyhow!("--store-path {}: {e}", args.store_path))?;
+            activate::record_finished(
+                &StateDir::new(args.state_dir),
+                &args.profile,
+                &store_path,
+                args.timeout,
+            )?;
+        }
         Some(Command::Status(args)) => {
             let states = args
                 .state_dir
@@ -131,14 +143,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 selection,
                 args.output,
             )?;
+            let state = args
+                .state_dir
+                .map_or_else(StateDir::default_from_env, StateDir::new);
             let pass = Pass {
                 hydra,
-                runner: Runner::detect(&profile.name),
+                runner: Runner::detect(&profile.name, &state, &store),
                 profile,
                 store,
-                state: args
-                    .state_dir
-                    .map_or_else(StateDir::default_from_env, StateDir::new),
+                state,
                 lock_timeout: args.lock_timeout,
                 nix_timeout: args.nix_timeout,
                 activate_timeout: args.profile.activate_timeout,
