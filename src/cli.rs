@@ -54,6 +54,25 @@ pub enum Command {
     /// (what `lib.mkManagerProfile`'s bin/activate runs), or take them down.
     #[command(subcommand)]
     Manager(ManagerCommand),
+    /// The transient activation unit's ExecStopPost=: record how the
+    /// activation ended (from systemd's $SERVICE_RESULT, $EXIT_CODE,
+    /// $EXIT_STATUS) for the next pass.
+    #[command(hide = true)]
+    ActivationFinished(ActivationFinishedArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ActivationFinishedArgs {
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    #[arg(long, value_parser = ProfileName::parse)]
+    pub profile: ProfileName,
+    /// The store path that was activated.
+    #[arg(long, value_name = "PATH")]
+    pub store_path: String,
+    /// The activation's timeout, for saying that it ran past it.
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,6 +198,12 @@ pub struct PassArgs {
     /// Seconds each HTTP exchange may take [default: 10 to connect, 60 in all].
     #[arg(long, env = "HAIL_TIMEOUT", value_name = "SECS", value_parser = parse_seconds)]
     pub timeout: Option<Duration>,
+
+    /// Seconds each nix-env call (realising the build, rolling back, deleting
+    /// generations) may take before its process group is ended: a stuck
+    /// substitution must not hold the profile lock forever.
+    #[arg(long, env = "HAIL_NIX_TIMEOUT", value_name = "SECS", value_parser = parse_seconds, default_value = "1800")]
+    pub nix_timeout: Duration,
 
     /// The build output to deploy, for jobs whose deployable output is not `out`.
     #[arg(long, env = "HAIL_OUTPUT", value_name = "NAME", default_value = "out", value_parser = parse_output)]

@@ -34,6 +34,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let (profile, job) = match &cli.command {
         Some(Command::Activate(args)) => (args.profile.profile.as_ref(), Some(&args.job_uri)),
+        Some(Command::ActivationFinished(args)) => (Some(&args.profile), None),
         Some(Command::Status(_) | Command::Service(_) | Command::Manager(_)) => (None, None),
         None => (cli.pass.profile.profile.as_ref(), cli.pass.job_uri.as_ref()),
     };
@@ -71,11 +72,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Some(Command::Activate(args)) => {
             let profile = profile_from(&args.profile)?;
+            let state = state_dir(args.lock.state_dir);
             let boot = pass::BootActivation {
-                runner: Runner::detect(&profile.name),
+                runner: Runner::detect(&profile.name, &state, &store),
                 profile,
                 store,
-                state: state_dir(args.lock.state_dir),
+                state,
                 job: args.job_uri,
                 lock_timeout: args.lock.lock_timeout,
                 activate_timeout: args.profile.activate_timeout,
@@ -115,6 +117,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 None => manager.deactivate()?,
             }
         }
+        Some(Command::ActivationFinished(args)) => {
+            let store_path = store
+                .parse(&args.store_path)
+                .map_err(|e| anyhow::anyhow!("--store-path {}: {e}", args.store_path))?;
+            activate::record_finished(
+                &StateDir::new(args.state_dir),
+                &args.profile,
+                &store_path,
+                args.timeout,
+            )?;
+        }
         Some(Command::Status(args)) => {
             print!(
                 "{}",
@@ -145,13 +158,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 selection,
                 output: args.output,
             })?;
+            let state = state_dir(args.lock.state_dir);
             let pass = Pass {
                 hydra,
-                runner: Runner::detect(&profile.name),
+                runner: Runner::detect(&profile.name, &state, &store),
                 profile,
                 store,
-                state: state_dir(args.lock.state_dir),
+                state,
                 lock_timeout: args.lock.lock_timeout,
+                nix_timeout: args.nix_timeout,
                 activate_timeout: args.profile.activate_timeout,
                 dry_run: args.dry_run,
                 retry_failed: args.retry_failed,

@@ -13,14 +13,18 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Deserialize;
 
 use crate::hydra::JobUri;
-use crate::process;
+use crate::process::{self, Deadline, Echo};
 use crate::profile::ProfileName;
 use crate::state::{read_own_list, write_atomically};
+
+/// Bound on an instance's `bin/deactivate` (as on activate, by default).
+const DEACTIVATE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One instance as a manager profile lists it (`share/hail/instances.json`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -240,7 +244,11 @@ impl Manager {
             .join(profile.as_str())
             .join("bin/deactivate");
         if deactivate.exists() {
-            process::run(Command::new(&deactivate))
+            let deadline = Deadline::new(
+                DEACTIVATE_TIMEOUT,
+                "make bin/deactivate finish within 10 minutes",
+            );
+            process::run(Command::new(&deactivate), deadline, Echo::Both)
                 .with_context(|| format!("deactivating instance {name}"))?;
         }
         remove_file(&self.env_file(name))?;
@@ -298,9 +306,7 @@ fn remove_file(path: &Path) -> Result<()> {
 }
 
 fn systemctl(args: &[&str]) -> Result<()> {
-    let mut cmd = Command::new("systemctl");
-    cmd.args(args);
-    process::run(cmd)
+    crate::service::systemctl(args, &[])
 }
 
 #[cfg(test)]

@@ -34,6 +34,8 @@ pub struct Pass {
     pub state: StateDir,
     pub runner: Runner,
     pub lock_timeout: Duration,
+    /// Bound on each nix-env call.
+    pub nix_timeout: Duration,
     pub activate_timeout: Duration,
     pub dry_run: bool,
     /// Deploy a build even though its activation failed before.
@@ -397,18 +399,7 @@ impl Pass {
             state.held = None;
         }
         match plan {
-            Plan::Reactivate => {
-                report::event(
-                    Level::Warn,
-                    message_id::ACTIVATION_FAILED,
-                    About::build(build.id, build.out_path.as_str()),
-                    format_args!(
-                        "the activation of build {} was interrupted; running it again",
-                        build.id
-                    ),
-                );
-                self.activate(state, &build, Outcome::Reactivated)
-            }
+            Plan::Reactivate => self.resume_activation(state, &build),
             Plan::RetryActivation(deployed) => {
                 report::event(
                     Level::Warn,
@@ -543,8 +534,61 @@ impl Pass {
     }
 
     fn reconcile(&self, state: &mut State, current: Option<&StorePath>) {
-        if let Some(current) = current {
-            adopt_profile(state, &self.profile, &self.store, self.hydra.job(), current);
+        let Some(current) = current else { return };
+        adopt_profile(state, &self.profile, &self.store, self.hydra.job(), current);
+        // A pass killed after its switch saved no generation number.
+        if let Some(deployed) = &mut state.deployed
+            && deployed.generation.is_none()
+            && deployed.store_path == current.as_str()
+        {
+            deployed.generation = self.profile.current_generation();
+        }
+    }
+
+    /// The pass that switched to `build` ended before its activation did
+    /// (killed, or its unit stopped or restarted). An activation that went
+    /// on in its own transient unit and recorded its end counts as it
+    /// ended: not run a second time. Otherwise activate runs again.
+    fn resume_activation(&self, state: &mut State, build: &Build) -> Result<Outcome> {
+        self.step.set(Step::Activation);
+        let switched_at = state.deployed.as_ref().map_or(0, |d| d.at);
+        let earlier = activate::earlier_activation(
+            &self.runner,
+            &self.state,
+            &self.profile.name,
+            &build.out_path,
+            self.activate_timeout,
+        )?
+        .filter(|earlier| earlier.finished_at >= switched_at);
+        let Some(earlier) = earlier else {
+            report::event(
+                Level::Warn,
+                message_id::ACTIVATION_FAILED,
+                About::build(build.id, build.out_path.as_str()),
+                format_args!(
+                    "the activation of build {} was interrupted; running it again",
+                    build.id
+                ),
+            );
+            return self.activate(state, build, Outcome::Reactivated);
+        };
+        match earlier.outcome {
+            Activation::Failed(failure) => Err(self.roll_back(state, build, failure)),
+            Activation::Succeeded | Activation::NoScript => {
+                mark_activated(state);
+                report::event(
+                    Level::Info,
+                    message_id::DEPLOYED,
+                    About::build(build.id, build.out_path.as_str()),
+                    format_args!(
+                        "deployed build {} ({}): its activation outlived the pass that started it \
+                         and succeeded in its own unit",
+                        build.id, build.out_path
+                    ),
+                );
+                report::status(&format!("deployed build {}", build.id));
+                Ok(Outcome::Deployed)
+            }
         }
     }
 
@@ -554,8 +598,7 @@ impl Pass {
     fn retry_activation(&self, state: &mut State, build: &Build) -> Result<Outcome> {
         report::status(&format!("activating build {} again", build.id));
         self.step.set(Step::Activation);
-        let activation =
-            self.run_script("bin/activate", Some(build.id), build.out_path.as_str(), "")?;
+        let activation = self.run_activate(Some(build.id), build.out_path.as_str(), "")?;
         let Some(deployed) = state.deployed.as_mut() else {
             anyhow::bail!("no deployment recorded for build {}", build.id);
         };
@@ -646,7 +689,7 @@ impl Pass {
 
         report::status(&format!("realising build {} {}", build.id, build.out_path));
         self.step.set(Step::Nix);
-        if let Err(err) = self.profile.switch_to(&build.out_path) {
+        if let Err(err) = self.profile.switch_to(&build.out_path, self.nix_timeout) {
             state.deployed = before;
             return Err(err.context(format!("build {} was not deployed", build.id)));
         }
@@ -682,7 +725,7 @@ impl Pass {
         if old.is_empty() {
             return;
         }
-        match self.profile.delete_generations(&old) {
+        match self.profile.delete_generations(&old, self.nix_timeout) {
             Ok(()) => log::info!("deleted old generations {old:?} (--keep-generations {keep})"),
             Err(err) => log::warn!("{err:#}"),
         }
@@ -702,12 +745,7 @@ impl Pass {
             .and_then(|d| d.previous.as_ref())
             .map(|p| p.store_path.clone())
             .unwrap_or_default();
-        let activation = self.run_script(
-            "bin/activate",
-            Some(build.id),
-            build.out_path.as_str(),
-            &previous,
-        )?;
+        let activation = self.run_activate(Some(build.id), build.out_path.as_str(), &previous)?;
         match activation {
             Activation::Succeeded | Activation::NoScript => {
                 let (level, note) = match activation {
@@ -879,7 +917,7 @@ impl Pass {
             .map_err(|why| anyhow::anyhow!("the failed build's store path: {why}"))?;
         let deactivate = failed.as_path().join("bin/deactivate");
         let undone =
-            match self.run_script_at(&deactivate, Some(rollback.build_id), failed.as_str(), "")? {
+            match self.run_deactivate(&deactivate, Some(rollback.build_id), failed.as_str())? {
                 Activation::NoScript => "",
                 Activation::Succeeded => "ran its bin/deactivate and ",
                 Activation::Failed(failure) => {
@@ -906,12 +944,14 @@ impl Pass {
         generation: u64,
     ) -> Result<String> {
         if self.profile.current_generation() != Some(generation) {
-            self.profile.switch_generation(generation)?;
+            self.profile
+                .switch_generation(generation, self.nix_timeout)?;
         }
         if let Some(failed) = rollback.generation.filter(|g| *g != generation)
             && self.profile.generations()?.contains(&failed)
         {
-            self.profile.delete_generations(&[failed])?;
+            self.profile
+                .delete_generations(&[failed], self.nix_timeout)?;
         }
         state.deployed = Some(Deployment {
             build_id: previous.build_id,
@@ -927,8 +967,7 @@ impl Pass {
             "rolled back to generation {generation} ({})",
             previous.store_path
         );
-        let activation = self.run_script(
-            "bin/activate",
+        let activation = self.run_activate(
             previous.build_id,
             &previous.store_path,
             &rollback.store_path,
@@ -944,38 +983,53 @@ impl Pass {
         }
     }
 
-    /// Runs the profile's `script` (relative to the profile) with the
-    /// environment every script hail runs sees.
-    fn run_script(
+    /// Runs the profile's `bin/activate` with the environment every script
+    /// hail runs sees (its outcome is recorded under systemd; see `activate`).
+    fn run_activate(
         &self,
-        script: &str,
         build_id: Option<u64>,
         store_path: &str,
         previous: &str,
     ) -> Result<Activation> {
-        self.run_script_at(
-            &self.profile.path().join(script),
-            build_id,
-            store_path,
-            previous,
-        )
+        self.with_script_env(build_id, store_path, previous, |env| {
+            activate::run(
+                self.profile.path(),
+                &self.runner,
+                env,
+                self.activate_timeout,
+            )
+        })
     }
 
-    fn run_script_at(
+    /// Runs a build's `bin/deactivate` with the same environment.
+    fn run_deactivate(
         &self,
         script: &std::path::Path,
         build_id: Option<u64>,
         store_path: &str,
-        previous: &str,
     ) -> Result<Activation> {
+        self.with_script_env(build_id, store_path, "", |env| {
+            activate::run_script(script, &self.runner, env, self.activate_timeout)
+        })
+    }
+
+    /// The environment of every script hail runs: `HAIL_PROFILE`,
+    /// `HAIL_BUILD_ID` (empty if unknown), `HAIL_STORE_PATH`,
+    /// `HAIL_PREVIOUS_STORE_PATH`.
+    fn with_script_env<T>(
+        &self,
+        build_id: Option<u64>,
+        store_path: &str,
+        previous: &str,
+        run: impl FnOnce(&[(&str, &str)]) -> T,
+    ) -> T {
         let id = build_id.map(|id| id.to_string()).unwrap_or_default();
-        let env = [
+        run(&[
             ("HAIL_PROFILE", self.profile.name.as_str()),
             ("HAIL_BUILD_ID", id.as_str()),
             ("HAIL_STORE_PATH", store_path),
             ("HAIL_PREVIOUS_STORE_PATH", previous),
-        ];
-        activate::run_script(script, &self.runner, &env, self.activate_timeout)
+        ])
     }
 }
 

@@ -7,6 +7,7 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -113,48 +114,18 @@ impl Profile {
     /// The store path the profile resolves to (profile → generation link →
     /// store path), or `None` if there is no profile yet. Runs no nix.
     pub fn current_target(&self, store: &StoreDir) -> Result<Option<StorePath>> {
-        const MAX_LINKS: usize = 40;
-        let mut at = self.path.clone();
-        for _ in 0..MAX_LINKS {
-            if let Ok(store_path) = store.parse(&at.to_string_lossy()) {
-                return Ok(Some(store_path));
-            }
-            let target = match at.read_link() {
-                Ok(target) => target,
-                Err(err) if err.kind() == io::ErrorKind::NotFound && at == self.path => {
-                    return Ok(None);
-                }
-                Err(err) if err.kind() == io::ErrorKind::InvalidInput => bail!(
-                    "profile {} resolves to {}, which is neither a symlink nor a path in {}; \
-                     move it away so that hail can manage the profile",
-                    self.path.display(),
-                    at.display(),
-                    store.path().display()
-                ),
-                Err(err) => {
-                    return Err(err)
-                        .with_context(|| format!("cannot read profile link {}", at.display()));
-                }
-            };
-            at = match at.parent() {
-                Some(parent) if target.is_relative() => parent.join(target),
-                _ => target,
-            };
-        }
-        bail!(
-            "profile {} has more than {MAX_LINKS} levels of symlinks",
-            self.path.display()
-        )
+        store_path_behind(&self.path, store)
     }
 
     /// Switches the profile to `store_path` as a new generation, substituting
-    /// the path first as nix.conf says. On failure the profile is unchanged.
-    pub fn switch_to(&self, store_path: &StorePath) -> Result<()> {
+    /// the path first as nix.conf says, within `timeout`. On failure the
+    /// profile is unchanged.
+    pub fn switch_to(&self, store_path: &StorePath, timeout: Duration) -> Result<()> {
         if let Some(parent) = self.path.parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("cannot create profiles dir {}", parent.display()))?;
         }
-        process::run(nix_env_set(&self.path, store_path)).with_context(|| {
+        run_nix_env(nix_env_set(&self.path, store_path), timeout).with_context(|| {
             format!(
                 "could not switch profile {} to {store_path}",
                 self.path.display()
@@ -163,8 +134,8 @@ impl Profile {
     }
 
     /// Points the profile back at an existing generation.
-    pub fn switch_generation(&self, generation: u64) -> Result<()> {
-        process::run(nix_env_switch_generation(&self.path, generation)).with_context(|| {
+    pub fn switch_generation(&self, generation: u64, timeout: Duration) -> Result<()> {
+        run_nix_env(nix_env_switch_generation(&self.path, generation), timeout).with_context(|| {
             format!(
                 "could not switch profile {} back to generation {generation}",
                 self.path.display()
@@ -173,13 +144,15 @@ impl Profile {
     }
 
     /// Deletes generations that are not the current one.
-    pub fn delete_generations(&self, generations: &[u64]) -> Result<()> {
-        process::run(nix_env_delete_generations(&self.path, generations)).with_context(|| {
-            format!(
-                "could not delete generations {generations:?} of profile {}",
-                self.path.display()
-            )
-        })
+    pub fn delete_generations(&self, generations: &[u64], timeout: Duration) -> Result<()> {
+        run_nix_env(nix_env_delete_generations(&self.path, generations), timeout).with_context(
+            || {
+                format!(
+                    "could not delete generations {generations:?} of profile {}",
+                    self.path.display()
+                )
+            },
+        )
     }
 
     /// Removes the profile and its generation `generation`, when a first
@@ -272,6 +245,55 @@ impl Profile {
             .parse()
             .ok()
     }
+}
+
+/// The store path behind `link`, following symlinks until one names a path
+/// directly in `store`; `None` if `link` does not exist. Runs no nix.
+pub fn store_path_behind(link: &Path, store: &StoreDir) -> Result<Option<StorePath>> {
+    const MAX_LINKS: usize = 40;
+    let mut at = link.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        if let Ok(store_path) = store.parse(&at.to_string_lossy()) {
+            return Ok(Some(store_path));
+        }
+        let target = match at.read_link() {
+            Ok(target) => target,
+            Err(err) if err.kind() == io::ErrorKind::NotFound && at == link => {
+                return Ok(None);
+            }
+            Err(err) if err.kind() == io::ErrorKind::InvalidInput => bail!(
+                "profile {} resolves to {}, which is neither a symlink nor a path in {}; \
+                 move it away so that hail can manage the profile",
+                link.display(),
+                at.display(),
+                store.path().display()
+            ),
+            Err(err) => {
+                return Err(err)
+                    .with_context(|| format!("cannot read profile link {}", at.display()));
+            }
+        };
+        at = match at.parent() {
+            Some(parent) if target.is_relative() => parent.join(target),
+            _ => target,
+        };
+    }
+    bail!(
+        "profile {} has more than {MAX_LINKS} levels of symlinks",
+        link.display()
+    )
+}
+
+/// Runs a nix-env command with its stderr (substitution progress) echoed
+/// as it comes, ended after `timeout` so that a stuck substitution cannot
+/// hold the profile lock forever.
+fn run_nix_env(cmd: Command, timeout: Duration) -> Result<()> {
+    let deadline = process::Deadline::new(
+        timeout,
+        "raise --nix-timeout (HAIL_NIX_TIMEOUT) if substituting this build takes longer, \
+         or check that the binary caches in nix.conf answer",
+    );
+    process::run(cmd, deadline, process::Echo::Stderr)
 }
 
 /// `nix-env --profile PROFILE --set STORE_PATH`: one atomic switch to a new

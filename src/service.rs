@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::process;
+use crate::process::{self, Deadline, Echo};
 use crate::state::{read_own_file, read_own_list, write_atomically};
 
 /// Where a service profile's pieces are, relative to the profile.
@@ -22,6 +22,11 @@ const PRE_SWITCH: &str = "bin/pre-switch";
 const HEALTH_CHECK: &str = "bin/health-check";
 /// How often the health check is retried.
 const HEALTH_RETRY: Duration = Duration::from_millis(500);
+/// Bound on `bin/pre-switch` (as on activate, by default).
+const PRE_SWITCH_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bound on each systemctl call: a start or stop job waits for the units'
+/// own timeouts (90 s by default), a restart for both.
+const SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A service profile being (de)activated.
 pub struct Service {
@@ -82,7 +87,11 @@ impl Service {
         let pre_switch = profile.join(PRE_SWITCH);
         if pre_switch.exists() {
             log::info!("running {}", pre_switch.display());
-            process::run(Command::new(&pre_switch))
+            let deadline = Deadline::new(
+                PRE_SWITCH_TIMEOUT,
+                "make bin/pre-switch finish within 10 minutes",
+            );
+            process::run(Command::new(&pre_switch), deadline, Echo::Both)
                 .context("the pre-switch step failed; nothing was switched")?;
         }
 
@@ -261,15 +270,26 @@ pub fn systemctl_command(verb: &[&str], units: &[String]) -> Command {
     cmd
 }
 
-fn systemctl(verb: &[&str], units: &[String]) -> Result<()> {
-    process::run(systemctl_command(verb, units))
+/// Runs `systemctl VERB… UNIT…`, bounded.
+pub fn systemctl(verb: &[&str], units: &[String]) -> Result<()> {
+    let deadline = Deadline::new(
+        SYSTEMCTL_TIMEOUT,
+        "a unit's start or stop job is stuck; see `systemctl list-jobs`",
+    );
+    process::run(systemctl_command(verb, units), deadline, Echo::Stderr)
 }
 
 /// Runs the health check until it succeeds or `timeout` passes.
 fn wait_healthy(check: &Path, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        match process::run(Command::new(check)) {
+        // Each try gets what is left of the health timeout, so a check that
+        // hangs cannot hold activation beyond it.
+        let left = Deadline::new(
+            deadline.saturating_duration_since(Instant::now()),
+            "raise --health-timeout (healthTimeout) if the service needs longer to become healthy",
+        );
+        match process::run(Command::new(check), left, Echo::Nothing) {
             Ok(()) => {
                 log::info!("health check passed");
                 return Ok(());

@@ -4,6 +4,7 @@
 //! loopback servers or systemd.
 
 mod bench;
+mod bounded;
 mod common;
 mod faults;
 mod files;

@@ -292,11 +292,34 @@ fn stopping_or_restarting_a_pass_does_not_kill_its_activation() {
     wait_for_done(c, &pid, "b");
     assert_eq!(profile_target(c), b);
     assert_eq!(generations(c), [1, 2]);
-    // The next pass finishes what the stopped one left: no new generation.
+    // The next pass finds the activation finished in its own unit and
+    // records the deploy: no new generation, and activate did not run twice.
     assert_exit(&c.systemctl(&["start", PASS]), 0);
     assert_eq!(c.show(PASS, "Result"), "success");
     assert_eq!(profile_target(c), b);
     assert_eq!(generations(c), [1, 2]);
+    let runs = |label: &str| {
+        c.lines(STARTED)
+            .iter()
+            .filter(|l| l.ends_with(&format!(" label={label}")))
+            .count()
+    };
+    assert_eq!(
+        runs("b"),
+        1,
+        "activate of b ran again\n{:?}\n{}\n{}",
+        c.exec(&["ls", "-la", "/var/lib/hail"]),
+        c.journal("hail-activation-demo.service"),
+        c.journal(PASS)
+    );
+    journal_with(c, PASS, "succeeded in its own unit");
+    let state: serde_json::Value =
+        serde_json::from_str(&c.read("/var/lib/hail/demo.json").expect("state file"))
+            .expect("state JSON");
+    assert_eq!(state["deployed"]["store_path"], b.as_str());
+    assert_eq!(state["deployed"]["activation"], "done");
+    assert_eq!(state["deployed"]["generation"], 2);
+    assert_eq!(state["last_check"]["result"], "deployed");
 
     // `systemctl restart` while a new build is being activated.
     let (_, new) = publish(&world, "c", &slow_activate("c"));
@@ -313,6 +336,8 @@ fn stopping_or_restarting_a_pass_does_not_kill_its_activation() {
     assert_exit(&restart, 0);
     assert_eq!(c.show(PASS, "Result"), "success");
     assert_ne!(c.systemctl(&["is-failed", PASS]).out(), "failed");
+    // The restarted pass waited for that activation and took its result.
+    assert_eq!(runs("c"), 1, "activate of c ran again after the restart");
 
     eprintln!("safe-deploy scenario took {:.1?}", started.elapsed());
 }
