@@ -482,12 +482,13 @@ in
             NotifyAccess = "main";
             # /var/lib/hail, exported as $STATE_DIRECTORY, hail's default state dir.
             StateDirectory = "hail";
-            # A backstop above hail's own deadlines, which bound every step: the lock
-            # wait (HAIL_LOCK_TIMEOUT, 30 min), each Hydra exchange (HAIL_TIMEOUT,
-            # 1 min), each nix-env call (HAIL_NIX_TIMEOUT, 30 min: the switch, and on
-            # a rollback the switch back) and activate (HAIL_ACTIVATE_TIMEOUT, 10 min,
-            # twice on a rollback): about 2 h 25 min at the defaults.
-            TimeoutStartSec = lib.mkDefault "3h";
+            # A backstop above hail's own deadlines, which bound every step of a
+            # pass. At the defaults the worst case is about 3 h: the lock wait
+            # (HAIL_LOCK_TIMEOUT, 30 min), Hydra exchanges (HAIL_TIMEOUT, 1 min each),
+            # three nix-env calls (HAIL_NIX_TIMEOUT, 30 min each: the switch, and on
+            # a rollback the switch back and the deletion) and two activations
+            # (HAIL_ACTIVATE_TIMEOUT, 10 min each). Raise it with them.
+            TimeoutStartSec = lib.mkDefault "4h";
 
             # Hardening: none beyond a plain umask, on purpose. What hail@ may do by
             # design is run arbitrary code as root: it switches root-owned profiles

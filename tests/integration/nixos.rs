@@ -145,6 +145,8 @@ fn good_configuration_generates_the_units() {
     );
     assert_eq!(template["serviceConfig"]["StateDirectory"], "hail");
     assert_eq!(template["serviceConfig"]["NotifyAccess"], "main");
+    // Above hail's own deadlines, like the plain units.
+    assert_eq!(template["serviceConfig"]["TimeoutStartSec"], "4h");
     assert_eq!(template["restartIfChanged"], false);
     assert_eq!(template["unitConfig"]["X-StopOnRemoval"], false);
     assert_eq!(template["overrideStrategy"], "asDropinIfExists");

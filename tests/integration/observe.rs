@@ -256,6 +256,16 @@ fn pass_into_journal(world: &World) -> (i32, Vec<BTreeMap<String, String>>) {
     (status.code().unwrap_or(-1), records)
 }
 
+fn records_with<'a>(
+    records: &'a [BTreeMap<String, String>],
+    message_id: &str,
+) -> Vec<&'a BTreeMap<String, String>> {
+    records
+        .iter()
+        .filter(|r| r.get("MESSAGE_ID").map(String::as_str) == Some(message_id))
+        .collect()
+}
+
 #[test]
 fn journal_records_carry_fields_and_message_ids() {
     let world = World::new();
@@ -292,6 +302,30 @@ fn journal_records_carry_fields_and_message_ids() {
                 == Some("46bbe7bae8fb484ab2b15bf5fc5c4cc1")),
         "no 'up to date' record: {records:?}"
     );
+
+    // Every record about a build carries its id and store path: deploying,
+    // deployed, and for a failed one, the failure, the rollback and the error.
+    let deploying = records_with(&records, "657c27ae229f4b18a640c11d7ba911db");
+    assert!(
+        deploying.is_empty(),
+        "an up-to-date pass deployed: {deploying:?}"
+    );
+    let (id_b, b) = world.publish_with("b", "echo broken >&2; exit 1");
+    let (code, records) = pass_into_journal(&world);
+    assert_eq!(code, 3);
+    for message_id in [
+        "657c27ae229f4b18a640c11d7ba911db", // deploying
+        "3ae9cc2b13824065822447e427e83f74", // activation failed
+        "896b2940203e46dcbc031352a55f528d", // rolled back
+        "882b1e906bcc447aa9697b1e6b85d52d", // the pass's error
+    ] {
+        let about = records_with(&records, message_id);
+        assert!(!about.is_empty(), "no {message_id} record: {records:?}");
+        for record in about {
+            assert_eq!(record["HAIL_BUILD_ID"], id_b.to_string(), "{record:?}");
+            assert_eq!(record["HAIL_STORE_PATH"], b, "{record:?}");
+        }
+    }
 
     world
         .hydra

@@ -398,7 +398,7 @@ fn systemd_units_follow_the_contract() {
         "Service/Environment=HAIL_PROFILE=%i",
         "Service/EnvironmentFile=/etc/hail/%i.env",
         "Service/ExecStart=/usr/local/bin/hail --oneshot",
-        "Service/TimeoutStartSec=3h",
+        "Service/TimeoutStartSec=4h",
         "Service/NotifyAccess=main",
         "Service/StateDirectory=hail",
     ] {
