@@ -416,3 +416,41 @@ fn instance_names_are_profile_names_as_typed() {
         assert_eq!(c.is_active(unit), "failed", "{unit}");
     }
 }
+
+#[test]
+fn a_failed_activation_quotes_the_scripts_own_stderr() {
+    let world = World::new();
+    let mut container = install(&world);
+    boot_and_enable(&mut container);
+    let c = &container;
+    let (_, a) = publish(&world, "a", &quick_activate("a"));
+    assert_exit(&c.systemctl(&["start", PASS]), 0);
+    let (id, _) = publish(
+        &world,
+        "b",
+        "#!/bin/sh\necho 'first words' >&2\necho 'the port is taken' >&2\nexit 1\n",
+    );
+    assert_ne!(c.systemctl(&["start", PASS]).code, Some(0));
+    assert_eq!(profile_target(c), a);
+    let state: serde_json::Value =
+        serde_json::from_str(&c.read("/var/lib/hail/demo.json").expect("state file"))
+            .expect("state JSON");
+    let error = state["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("build {id}")) && error.contains("the port is taken"),
+        "{error}"
+    );
+    let quoted = error
+        .split_once("last lines of its stderr:")
+        .map(|(_, lines)| lines)
+        .unwrap_or_default();
+    assert_eq!(
+        quoted
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>(),
+        ["first words", "the port is taken"],
+        "{error}"
+    );
+}
