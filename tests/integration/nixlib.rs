@@ -6,9 +6,9 @@
 //! expect, and bad arguments are refused at evaluation with a clear message.
 //! (`services::` deploys the same profiles under real systemd.)
 //!
-//! With nixpkgs' lib (`NIXPKGS_LIB`, or `<nixpkgs/lib>` on `NIX_PATH`), the
-//! defaults that use `pkgs.lib` are built too; without it that test prints a
-//! loud SKIP.
+//! With nixpkgs' lib (see `nixos::`; CI always has it), the defaults that use
+//! `pkgs.lib` are built too; without it that test fails in CI and prints a
+//! loud SKIP elsewhere.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;

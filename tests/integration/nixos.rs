@@ -2,9 +2,10 @@
 //! `nixos/tests/eval.nix`: the units it generates for a good configuration, and the
 //! assertion (or evaluation) failures for bad ones.
 //!
-//! nixpkgs' lib comes from `NIXPKGS_LIB` (a path to nixpkgs' `lib` directory) or from
-//! `<nixpkgs/lib>` on `NIX_PATH`. Without either, every test here prints a loud SKIP and
-//! passes; `nix flake check` on a networked machine runs the same evaluation against the
+//! nixpkgs' lib comes from `NIXPKGS_LIB` (a path to nixpkgs' `lib` directory), else
+//! `../shared/nixpkgs-lib/lib` beside the checkout (CI has it), else `<nixpkgs/lib>` on
+//! `NIX_PATH`. Without any, a test fails in CI and prints a loud SKIP elsewhere;
+//! `nix flake check` on a networked machine runs the same evaluation against the
 //! locked nixpkgs (`checks.<system>.module-eval`).
 
 use std::collections::BTreeSet;
