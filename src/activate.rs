@@ -51,6 +51,16 @@ pub struct ActivationFailure {
     pub stderr_tail: Option<String>,
 }
 
+impl ActivationFailure {
+    /// Its stderr's last lines, to end an error message with (or nothing).
+    pub fn quoted_stderr(&self) -> String {
+        self.stderr_tail
+            .as_deref()
+            .map(|tail| format!("\nlast lines of its stderr:\n{tail}"))
+            .unwrap_or_default()
+    }
+}
+
 /// How activate is started.
 #[derive(Debug, Clone)]
 pub enum Runner {

@@ -626,10 +626,7 @@ impl Pass {
                         failure.how,
                         deployed.activation_failures,
                         MAX_ACTIVATION_FAILURES,
-                        failure
-                            .stderr_tail
-                            .map(|t| format!("\nlast lines of its stderr:\n{t}"))
-                            .unwrap_or_default()
+                        failure.quoted_stderr()
                     ),
                 ))
             }
@@ -841,10 +838,7 @@ impl Pass {
                 build.id,
                 build.out_path,
                 failure.how,
-                failure
-                    .stderr_tail
-                    .map(|t| format!("\nlast lines of its stderr:\n{t}"))
-                    .unwrap_or_default()
+                failure.quoted_stderr()
             ),
         )
     }
@@ -1204,10 +1198,7 @@ impl BootActivation {
                     "activation of {current} {} ({failures} failure(s) in a row; the next passes run \
                      it again, up to {MAX_ACTIVATION_FAILURES}){}",
                     failure.how,
-                    failure
-                        .stderr_tail
-                        .map(|t| format!("\nlast lines of its stderr:\n{t}"))
-                        .unwrap_or_default()
+                    failure.quoted_stderr()
                 );
                 state.last_error = Some(LastError {
                     at: state::now(),

@@ -4,6 +4,7 @@
 //! the profile points, its generations, and that `a` is still what was
 //! activated last (the running service is intact).
 
+use std::ffi::OsStr;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::hydra::Fault;
-use crate::common::{JOB, Run, World, assert_exit, recording_activate};
+use crate::common::{JOB, Run, World, assert_exit, in_mount_namespace, recording_activate};
 
 /// A world where build `a` is deployed.
 fn deployed_a() -> (World, String) {
@@ -592,19 +593,12 @@ fn read_only_profiles_dir() {
     // A read-only bind mount in a private mount namespace: root ignores
     // permission bits, not a read-only mount.
     let dir = world.profiles_dir();
-    let hail = world.hail();
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg("mount --bind \"$0\" \"$0\" && mount -o remount,bind,ro \"$0\" && exec \"$@\"")
-        .arg(&dir)
-        .arg(hail.get_program())
-        .args(hail.get_args());
-    for (key, value) in hail.get_envs() {
-        match value {
-            Some(value) => cmd.env(key, value),
-            None => cmd.env_remove(key),
-        };
-    }
+    let cmd = in_mount_namespace(
+        "mount --bind \"$0\" \"$0\" && mount -o remount,bind,ro \"$0\" && exec \"$@\"",
+        dir.as_os_str(),
+        &[],
+        &world.hail(),
+    );
     let run = world.run(cmd);
     assert_exit(&run, 1);
     assert!(run.stderr.contains("nix-env"), "{run:?}");
@@ -863,11 +857,8 @@ fn a_full_disk_after_the_switch_does_not_make_the_exit_status_lie() {
     );
     // Both passes in one mount namespace, on a small tmpfs over the state dir
     // (copied in first), as a full /var would be.
-    let hail = world.hail();
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(
-            "set -u; state=$1; out=$2; shift 2
+    let cmd = in_mount_namespace(
+        "set -u; state=$1; out=$2; shift 2
              cp -a \"$state\" \"$out/state-before\"
              mount -t tmpfs -o size=256k hail-test \"$state\" || exit 90
              cp -a \"$out/state-before/.\" \"$state/\"
@@ -875,18 +866,10 @@ fn a_full_disk_after_the_switch_does_not_make_the_exit_status_lie() {
              rm -f \"$state/filler\"
              \"$@\" 2>\"$out/stderr2\"; echo $? >\"$out/rc2\"
              cp \"$state/web.json\" \"$out/state-after\"",
-        )
-        .arg("sh")
-        .arg(&state_dir)
-        .arg(world.tmp.path())
-        .arg(hail.get_program())
-        .args(hail.get_args());
-    for (key, value) in hail.get_envs() {
-        match value {
-            Some(value) => cmd.env(key, value),
-            None => cmd.env_remove(key),
-        };
-    }
+        OsStr::new("sh"),
+        &[state_dir.as_os_str(), world.tmp.path().as_os_str()],
+        &world.hail(),
+    );
     let run = world.run(cmd);
     assert_exit(&run, 0);
     let read = |name: &str| {

@@ -231,21 +231,14 @@ fn pass_into_journal(world: &World) -> (i32, Vec<BTreeMap<String, String>>) {
         .unwrap();
     let stderr_file = std::fs::File::create(dir.path().join("stderr")).unwrap();
     let meta = stderr_file.metadata().unwrap();
-    let hail = world.hail();
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg("mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && mount --bind \"$0\" /run/systemd/journal && exec \"$@\"")
-        .arg(dir.path())
-        .arg(hail.get_program())
-        .args(hail.get_args())
-        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+    let mut cmd = crate::common::in_mount_namespace(
+        "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && mount --bind \"$0\" /run/systemd/journal && exec \"$@\"",
+        dir.path().as_os_str(),
+        &[],
+        &world.hail(),
+    );
+    cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
         .stderr(stderr_file);
-    for (key, value) in hail.get_envs() {
-        match value {
-            Some(value) => cmd.env(key, value),
-            None => cmd.env_remove(key),
-        };
-    }
     let status = cmd.status().expect("run hail");
     let mut records = Vec::new();
     let mut buf = vec![0; 65536];

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod container;
 pub mod hydra;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
@@ -223,6 +224,27 @@ impl World {
             .map(str::to_owned)
             .collect()
     }
+}
+
+/// `cmd`, started by `sh -c script` in a private mount namespace of its own
+/// (`unshare --mount`), where the script may mount over the test's dirs: it
+/// sees `$0` = `arg0`, then `args`, then the command and its arguments; the
+/// command keeps its environment.
+pub fn in_mount_namespace(script: &str, arg0: &OsStr, args: &[&OsStr], cmd: &Command) -> Command {
+    let mut wrapped = Command::new("unshare");
+    wrapped
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .arg(arg0)
+        .args(args)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    wrapped
 }
 
 pub fn run_bounded(mut cmd: Command) -> Run {
