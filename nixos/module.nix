@@ -294,6 +294,15 @@ let
             and `HAIL_NETRC_FILE` come from the options above and cannot be set here.
             The values end up in the world-readable unit files in the Nix store: no
             secrets.
+
+            hail bounds every step of a pass itself: `HAIL_LOCK_TIMEOUT` (waiting for
+            another pass, default 1800 s), `HAIL_TIMEOUT` (each Hydra exchange, 60 s),
+            `HAIL_NIX_TIMEOUT` (each `nix-env` call, such as a substitution, 1800 s)
+            and `HAIL_ACTIVATE_TIMEOUT` (`bin/activate`, 600 s); each is at most
+            86400 s. The unit's `TimeoutStartSec` (4 h) is a backstop above their
+            worst case at the defaults: raise it with
+            `systemd.services."hail@<name>".serviceConfig.TimeoutStartSec` if you
+            raise them.
           '';
         };
       };
