@@ -4,6 +4,7 @@
 pub mod activate;
 pub mod cli;
 pub mod credentials;
+pub mod failure;
 pub mod hydra;
 pub mod manager;
 pub mod metrics;
@@ -45,7 +46,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            let about = pass::failed_build(&err).map_or_else(Default::default, |(id, path)| {
+            let about = failure::failed_build(&err).map_or_else(Default::default, |(id, path)| {
                 report::About {
                     build_id: id,
                     store_path: Some(path),
@@ -62,7 +63,7 @@ pub fn main() -> ExitCode {
                 "failed: {}",
                 first_line.lines().next().unwrap_or_default()
             ));
-            ExitCode::from(pass::exit_status(&err))
+            ExitCode::from(failure::exit_status(&err))
         }
     }
 }
@@ -174,7 +175,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 min_build_age: args.min_build_age,
                 keep_generations: args.keep_generations,
                 metrics_file: args.metrics_file,
-                step: Default::default(),
             };
             pass.run()?;
         }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
+use crate::failure::FailureKind;
 use crate::profile::ProfileName;
 use crate::state::{State, write_atomically};
 
@@ -79,9 +80,13 @@ pub fn render(profile: &ProfileName, state: &State) -> String {
         out,
         "# HELP hail_errors_total Failed passes by kind.\n# TYPE hail_errors_total counter"
     );
-    for kind in ["hydra", "nix", "activation", "state"] {
-        let count = counters.errors.get(kind).copied().unwrap_or(0);
-        let _ = writeln!(out, "hail_errors_total{{{label},kind=\"{kind}\"}} {count}");
+    for kind in FailureKind::ALL {
+        let count = counters.errors.get(&kind).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "hail_errors_total{{{label},kind=\"{}\"}} {count}",
+            kind.label()
+        );
     }
     out
 }

@@ -2,7 +2,6 @@
 //! profile and with what hail remembers, then switch, activate, and roll back
 //! if activation fails.
 
-use std::cell::Cell;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,22 +9,17 @@ use anyhow::{Context, Result};
 use log::Level;
 
 use crate::activate::{self, Activation, ActivationFailure, Runner};
+use crate::failure::{FailedAs, Failure, FailureKind, kind_of};
 use crate::hydra::{self, Build};
 use crate::metrics;
 use crate::profile::Profile;
 use crate::report::{self, About, message_id};
 use crate::state::Prepared;
 use crate::state::{
-    self, ActivationState, Check, Deployment, FailedBuild, Hold, LastError, Previous, Rollback,
+    self, ActivationState, Check, CheckResult, Deployment, FailedBuild, Hold, Previous, Rollback,
     State, StateDir, Waiting,
 };
 use crate::store_path::{StoreDir, StorePath};
-
-/// Exit status for failures that changed nothing.
-pub const EXIT_FAILED: u8 = 1;
-/// Exit status for a failed activation (rolled back), or a failed build
-/// that is still Hydra's latest.
-pub const EXIT_ACTIVATION_FAILED: u8 = 3;
 
 pub struct Pass {
     pub hydra: hydra::Client,
@@ -47,29 +41,6 @@ pub struct Pass {
     /// After a successful deploy, keep only this many generations.
     pub keep_generations: Option<u64>,
     pub metrics_file: Option<PathBuf>,
-    /// What the pass is doing, which names the kind of a failure
-    /// (`Default::default()` when building a pass).
-    pub step: Cell<Step>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Step {
-    #[default]
-    State,
-    Hydra,
-    Nix,
-    Activation,
-}
-
-impl Step {
-    fn kind(self) -> &'static str {
-        match self {
-            Self::State => "state",
-            Self::Hydra => "hydra",
-            Self::Nix => "nix",
-            Self::Activation => "activation",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,14 +57,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn label(self) -> &'static str {
+    /// What the state records; a dry run records nothing.
+    fn recorded(self) -> Option<CheckResult> {
         match self {
-            Self::UpToDate => "up-to-date",
-            Self::Deployed => "deployed",
-            Self::Reactivated => "reactivated",
-            Self::Held => "held",
-            Self::Waiting => "waiting",
-            Self::WouldDeploy => "would-deploy",
+            Self::UpToDate => Some(CheckResult::UpToDate),
+            Self::Deployed => Some(CheckResult::Deployed),
+            Self::Reactivated => Some(CheckResult::Reactivated),
+            Self::Held => Some(CheckResult::Held),
+            Self::Waiting => Some(CheckResult::Waiting),
+            Self::WouldDeploy => None,
         }
     }
 }
@@ -118,48 +90,6 @@ enum Plan {
         eligible_at: Option<u64>,
     },
     Deploy,
-}
-
-/// An error that ends the pass with exit status 3: activation failed.
-#[derive(Debug)]
-pub struct ActivationFailed {
-    pub message: String,
-    /// The build that failed (id if known, store path), for the journal.
-    pub build: Option<(Option<u64>, String)>,
-}
-
-impl ActivationFailed {
-    fn of_build(build_id: u64, store_path: &str, message: String) -> anyhow::Error {
-        anyhow::Error::new(Self {
-            message,
-            build: Some((Some(build_id), store_path.to_owned())),
-        })
-    }
-}
-
-impl std::fmt::Display for ActivationFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for ActivationFailed {}
-
-/// The build an error is about, if it is a failed activation.
-pub fn failed_build(err: &anyhow::Error) -> Option<(Option<u64>, &str)> {
-    err.chain()
-        .find_map(|cause| cause.downcast_ref::<ActivationFailed>())
-        .and_then(|failed| failed.build.as_ref())
-        .map(|(id, path)| (*id, path.as_str()))
-}
-
-/// The exit status an error stands for.
-pub fn exit_status(err: &anyhow::Error) -> u8 {
-    if err.chain().any(|cause| cause.is::<ActivationFailed>()) {
-        EXIT_ACTIVATION_FAILED
-    } else {
-        EXIT_FAILED
-    }
 }
 
 impl Pass {
@@ -212,13 +142,16 @@ impl Pass {
         let at = state::now();
         match result {
             Ok(outcome) => {
+                let Some(result) = outcome.recorded() else {
+                    return;
+                };
                 let at_latest = matches!(
                     outcome,
                     Outcome::UpToDate | Outcome::Deployed | Outcome::Reactivated
                 );
                 state.last_check = Some(Check {
                     at,
-                    result: outcome.label().into(),
+                    result,
                     latest_build_id: latest,
                     at_latest,
                 });
@@ -230,26 +163,17 @@ impl Pass {
                 }
             }
             Err(err) => {
-                let exit_status = exit_status(err);
-                let kind = self.step.get().kind();
-                let result = if exit_status == EXIT_ACTIVATION_FAILED {
-                    "activation-failed"
-                } else {
-                    "error"
-                };
+                let kind = kind_of(err);
                 state.last_check = Some(Check {
                     at,
-                    result: result.into(),
+                    result: match kind {
+                        FailureKind::Activation => CheckResult::ActivationFailed,
+                        _ => CheckResult::Error,
+                    },
                     latest_build_id: latest,
                     at_latest: false,
                 });
-                state.last_error = Some(LastError {
-                    at,
-                    message: format!("{err:#}"),
-                    exit_status,
-                    kind: kind.into(),
-                });
-                *state.counters.errors.entry(kind.into()).or_default() += 1;
+                state.record_error(kind, format!("{err:#}"));
             }
         }
     }
@@ -257,7 +181,7 @@ impl Pass {
     /// Says what a pass would do now, from Hydra's answer, the profile and
     /// the state, and does none of it.
     fn dry_run(&self) -> Result<Outcome> {
-        let build = self.hydra.latest_build()?;
+        let build = self.hydra.latest_build().failed_as(FailureKind::Hydra)?;
         let current = self.profile.current_target(&self.store)?;
         let state = self.state.load(&self.profile.name);
         let (id, path) = (build.id, &build.out_path);
@@ -389,10 +313,8 @@ impl Pass {
         let current = self.profile.current_target(&self.store)?;
         self.reconcile(state, current.as_ref());
         report::status(&format!("asking Hydra for {}", self.hydra.job()));
-        self.step.set(Step::Hydra);
-        let build = self.hydra.latest_build()?;
+        let build = self.hydra.latest_build().failed_as(FailureKind::Hydra)?;
         *latest = Some(build.id);
-        self.step.set(Step::State);
         let current_str = current.as_ref().map(StorePath::as_str);
         let plan = self.plan(state, &build, current.as_ref());
         if !matches!(plan, Plan::Hold(_)) {
@@ -412,8 +334,8 @@ impl Pass {
                 );
                 self.retry_activation(state, &build)
             }
-            Plan::GiveUpActivation(deployed) => Err(ActivationFailed::of_build(
-                build.id,
+            Plan::GiveUpActivation(deployed) => Err(Failure::of_build(
+                Some(build.id),
                 build.out_path.as_str(),
                 format!(
                     "the activation of build {} ({}) failed {} times in a row; hail does not run it \
@@ -457,8 +379,8 @@ impl Pass {
             }
             Plan::RefuseFailed(failed) => {
                 report::status(&format!("build {} failed before; not retrying", build.id));
-                Err(ActivationFailed::of_build(
-                    build.id,
+                Err(Failure::of_build(
+                    Some(build.id),
                     build.out_path.as_str(),
                     format!(
                         "build {} ({}) failed to activate {} ago ({}); it stays rolled back while \
@@ -550,7 +472,6 @@ impl Pass {
     /// on in its own transient unit and recorded its end counts as it
     /// ended: not run a second time. Otherwise activate runs again.
     fn resume_activation(&self, state: &mut State, build: &Build) -> Result<Outcome> {
-        self.step.set(Step::Activation);
         let switched_at = state.deployed.as_ref().map_or(0, |d| d.at);
         let earlier = activate::earlier_activation(
             &self.runner,
@@ -558,7 +479,8 @@ impl Pass {
             &self.profile.name,
             &build.out_path,
             self.activate_timeout,
-        )?
+        )
+        .failed_as(FailureKind::Activation)?
         .filter(|earlier| earlier.finished_at >= switched_at);
         let Some(earlier) = earlier else {
             report::event(
@@ -597,7 +519,6 @@ impl Pass {
     /// and retried by the next passes up to [`MAX_ACTIVATION_FAILURES`].
     fn retry_activation(&self, state: &mut State, build: &Build) -> Result<Outcome> {
         report::status(&format!("activating build {} again", build.id));
-        self.step.set(Step::Activation);
         let activation = self.run_activate(Some(build.id), build.out_path.as_str(), "")?;
         let Some(deployed) = state.deployed.as_mut() else {
             anyhow::bail!("no deployment recorded for build {}", build.id);
@@ -616,8 +537,8 @@ impl Pass {
             }
             Activation::Failed(failure) => {
                 deployed.activation_failures = deployed.activation_failures.saturating_add(1);
-                Err(ActivationFailed::of_build(
-                    build.id,
+                Err(Failure::of_build(
+                    Some(build.id),
                     build.out_path.as_str(),
                     format!(
                         "activation of build {} ({}) {} again ({} failure(s) in a row, at most {}){}",
@@ -663,7 +584,6 @@ impl Pass {
             About::build(build.id, build.out_path.as_str()),
             format_args!("deploying build {} ({})", build.id, build.out_path),
         );
-        self.step.set(Step::State);
         let previous = current.map(|path| {
             let same = state
                 .deployed
@@ -685,10 +605,10 @@ impl Pass {
         self.state.save(&self.profile.name, state)?;
 
         report::status(&format!("realising build {} {}", build.id, build.out_path));
-        self.step.set(Step::Nix);
         if let Err(err) = self.profile.switch_to(&build.out_path, self.nix_timeout) {
             state.deployed = before;
-            return Err(err.context(format!("build {} was not deployed", build.id)));
+            return Err(err.context(format!("build {} was not deployed", build.id)))
+                .failed_as(FailureKind::Nix);
         }
         // The generation is known now; it reaches the disk with the pass's
         // final save (a pass killed before then finds it from the profile).
@@ -731,7 +651,6 @@ impl Pass {
     /// Runs the deployed build's activate; rolls back if it fails.
     fn activate(&self, state: &mut State, build: &Build, outcome: Outcome) -> Result<Outcome> {
         report::status(&format!("activating build {}", build.id));
-        self.step.set(Step::Activation);
         // What the state says if activate succeeds, written now: should
         // activate fill the disk, the rename that commits it needs no space,
         // and the next pass does not run the same activation again.
@@ -830,8 +749,8 @@ impl Pass {
             log::warn!("{err:#}");
         }
         let outcome = self.complete_rollback(state, &rollback);
-        ActivationFailed::of_build(
-            build.id,
+        Failure::of_build(
+            Some(build.id),
             build.out_path.as_str(),
             format!(
                 "build {} ({}) failed to activate: activate {}; {outcome}{}",
@@ -857,8 +776,8 @@ impl Pass {
             ),
         );
         let outcome = self.complete_rollback(state, rollback);
-        ActivationFailed::of_build(
-            rollback.build_id,
+        Failure::of_build(
+            Some(rollback.build_id),
             &rollback.store_path,
             format!(
                 "build {} ({}) failed to activate and the rollback was interrupted; {outcome}",
@@ -993,6 +912,7 @@ impl Pass {
                 self.activate_timeout,
             )
         })
+        .failed_as(FailureKind::Activation)
     }
 
     /// Runs a build's `bin/deactivate` with the same environment.
@@ -1158,7 +1078,8 @@ impl BootActivation {
             &env,
             self.activate_timeout,
         )
-        .context("boot-time activation")?;
+        .context("boot-time activation")
+        .failed_as(FailureKind::Activation)?;
         let result = match activation {
             Activation::Succeeded | Activation::NoScript => {
                 if let Some(deployed) = this_deployment {
@@ -1200,21 +1121,8 @@ impl BootActivation {
                     failure.how,
                     failure.quoted_stderr()
                 );
-                state.last_error = Some(LastError {
-                    at: state::now(),
-                    message: message.clone(),
-                    exit_status: EXIT_ACTIVATION_FAILED,
-                    kind: Step::Activation.kind().into(),
-                });
-                *state
-                    .counters
-                    .errors
-                    .entry(Step::Activation.kind().into())
-                    .or_default() += 1;
-                Err(anyhow::Error::new(ActivationFailed {
-                    message,
-                    build: Some((build_id, current.to_string())),
-                }))
+                state.record_error(FailureKind::Activation, message.clone());
+                Err(Failure::of_build(build_id, current.as_str(), message))
             }
         };
         if let Err(err) = self.state.save(&self.profile.name, &state) {

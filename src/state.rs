@@ -15,6 +15,7 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::failure::FailureKind;
 use crate::profile::ProfileName;
 
 /// How often a waiting pass retries the lock.
@@ -444,8 +445,8 @@ pub struct State {
 pub struct Counters {
     pub deploys: u64,
     pub rollbacks: u64,
-    /// Failed passes by kind: hydra, nix, activation, state.
-    pub errors: std::collections::BTreeMap<String, u64>,
+    /// Failed passes by kind.
+    pub errors: std::collections::BTreeMap<FailureKind, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -541,7 +542,7 @@ pub struct Hold {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Check {
     pub at: u64,
-    pub result: String,
+    pub result: CheckResult,
     pub latest_build_id: Option<u64>,
     /// Whether the profile was at the build Hydra offered when the pass ended.
     #[serde(default)]
@@ -554,7 +555,50 @@ pub struct LastError {
     pub message: String,
     pub exit_status: u8,
     #[serde(default)]
-    pub kind: String,
+    pub kind: FailureKind,
+}
+
+/// How a pass ended, as `hail status` and the metrics show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckResult {
+    UpToDate,
+    Deployed,
+    /// An interrupted or failed activation of the current build ran again.
+    Reactivated,
+    /// The profile was moved away from hail's deployment; hail holds off.
+    Held,
+    /// Hydra's build is newer but younger than `--min-build-age`.
+    Waiting,
+    Error,
+    ActivationFailed,
+}
+
+impl CheckResult {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::UpToDate => "up-to-date",
+            Self::Deployed => "deployed",
+            Self::Reactivated => "reactivated",
+            Self::Held => "held",
+            Self::Waiting => "waiting",
+            Self::Error => "error",
+            Self::ActivationFailed => "activation-failed",
+        }
+    }
+}
+
+impl State {
+    /// Remembers a failure: the last error, and one more of its kind.
+    pub fn record_error(&mut self, kind: FailureKind, message: String) {
+        self.last_error = Some(LastError {
+            at: now(),
+            message,
+            exit_status: kind.exit_status(),
+            kind,
+        });
+        *self.counters.errors.entry(kind).or_default() += 1;
+    }
 }
 
 #[cfg(test)]

@@ -70,7 +70,7 @@ fn table(rows: &[(ProfileName, State)], states: &StateDir) -> String {
             deployed.map_or("-".into(), Deployment::describe),
             deployed.map_or("-".into(), |d| utc(d.at)),
             check.map_or("never".into(), |c| utc(c.at)),
-            check.map_or("-".into(), |c| c.result.clone()),
+            check.map_or("-".into(), |c| c.result.label().to_owned()),
             notes(state),
         ]);
     }
