@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::hydra::JobUri;
+use crate::hydra::{JobUri, Selection};
 use crate::profile::ProfileName;
 
 const EXIT_STATUS: &str = "\
@@ -209,20 +209,8 @@ pub struct PassArgs {
     #[arg(long, env = "HAIL_OUTPUT", value_name = "NAME", default_value = "out", value_parser = parse_output)]
     pub output: String,
 
-    /// Only builds for this system (Hydra's latest-for/SYSTEM); otherwise the
-    /// highest build id of any system wins.
-    #[arg(long, env = "HAIL_SYSTEM", value_name = "SYSTEM", value_parser = parse_system)]
-    pub system: Option<String>,
-
-    /// Only builds from evaluations with no unfinished builds (Hydra's latest-finished).
-    #[arg(long, env = "HAIL_LATEST_FINISHED", conflicts_with_all = ["system", "wait_for_jobset"])]
-    pub latest_finished: bool,
-
-    /// Only this job's build from the newest evaluation in which every build
-    /// finished successfully (reads up to 3 pages of evaluations and the
-    /// builds of up to 10).
-    #[arg(long, env = "HAIL_WAIT_FOR_JOBSET")]
-    pub wait_for_jobset: bool,
+    #[command(flatten)]
+    pub selection: SelectionArgs,
 
     /// Deploy a build only once it has been finished this long (e.g. 30min,
     /// 2h, 1d; plain numbers are seconds): canary hosts at 0, the fleet later.
@@ -275,6 +263,53 @@ pub struct LockArgs {
     pub lock_timeout: Duration,
 }
 
+/// Which of the job's builds to deploy: one of `--latest-finished` and
+/// `--wait-for-jobset` (an argument group), `--system` with either of the
+/// others but `--latest-finished`.
+#[derive(Debug, Args)]
+pub struct SelectionArgs {
+    /// Only builds for this system (Hydra's latest-for/SYSTEM); otherwise the
+    /// highest build id of any system wins.
+    #[arg(long, env = "HAIL_SYSTEM", value_name = "SYSTEM", value_parser = parse_system)]
+    pub system: Option<String>,
+
+    /// Only builds from evaluations with no unfinished builds (Hydra's latest-finished).
+    #[arg(
+        long,
+        env = "HAIL_LATEST_FINISHED",
+        group = "build_selection",
+        conflicts_with = "system"
+    )]
+    pub latest_finished: bool,
+
+    /// Only this job's build from the newest evaluation in which every build
+    /// finished successfully (reads up to 3 pages of evaluations and the
+    /// builds of up to 10).
+    #[arg(long, env = "HAIL_WAIT_FOR_JOBSET", group = "build_selection")]
+    pub wait_for_jobset: bool,
+}
+
+impl SelectionArgs {
+    pub fn selection(self) -> Selection {
+        match self {
+            Self {
+                wait_for_jobset: true,
+                system,
+                ..
+            } => Selection::WholeJobset { system },
+            Self {
+                latest_finished: true,
+                ..
+            } => Selection::LatestFinished,
+            Self {
+                system: Some(system),
+                ..
+            } => Selection::LatestFor(system),
+            Self { system: None, .. } => Selection::Latest,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ActivateArgs {
     #[command(flatten)]
@@ -287,6 +322,40 @@ pub struct ActivateArgs {
 
     #[command(flatten)]
     pub lock: LockArgs,
+}
+
+/// Exits as clap does for `err` (status 2 for usage errors); for a missing
+/// required argument it also names the environment variable that can give it,
+/// which is how the units configure hail.
+pub fn exit_with(err: clap::Error) -> ! {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if err.kind() == ErrorKind::MissingRequiredArgument
+        && let Some(ContextValue::Strings(missing)) = err.get(ContextKind::InvalidArg)
+    {
+        let command = Cli::command();
+        let args: Vec<&clap::Arg> = std::iter::once(&command)
+            .chain(command.get_subcommands())
+            .flat_map(clap::Command::get_arguments)
+            .collect();
+        let notes: Vec<String> = missing
+            .iter()
+            .filter_map(|shown| {
+                let long = shown.split_whitespace().next()?.strip_prefix("--")?;
+                let arg = args.iter().find(|arg| arg.get_long() == Some(long))?;
+                let env = arg.get_env()?.to_string_lossy();
+                Some(format!(
+                    "note: --{long} can also be given as {env} in the environment"
+                ))
+            })
+            .collect();
+        if !notes.is_empty() {
+            let _ = err.print();
+            eprintln!("{}", notes.join("\n"));
+            std::process::exit(2);
+        }
+    }
+    err.exit()
 }
 
 /// The longest a deadline may be: long enough for any real pass, short
@@ -326,43 +395,15 @@ fn parse_build_age(text: &str) -> Result<Duration, String> {
     Ok(age)
 }
 
-/// `90`, `90s`, `30min`, `2h`, `1d`, `1h30min`: systemd-style time spans.
+/// `90` (seconds), `90s`, `30min`, `2h`, `1d`, `1h 30min`: time spans as
+/// systemd and `humantime` write them.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let invalid = || format!("{text:?} is not a duration (e.g. 0, 90s, 30min, 2h, 1d)");
     let text = text.trim();
-    if text.is_empty() {
-        return Err(invalid());
-    }
     if let Ok(secs) = text.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    let mut total: u64 = 0;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let (number, after) = rest.split_at(digits);
-        let number: u64 = number.parse().map_err(|_| invalid())?;
-        let unit_len = after
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(after.len());
-        let (unit, after) = after.split_at(unit_len);
-        let scale = match unit.trim() {
-            "s" | "sec" | "second" | "seconds" => 1,
-            "m" | "min" | "minute" | "minutes" => 60,
-            "h" | "hr" | "hour" | "hours" => 3600,
-            "d" | "day" | "days" => 86_400,
-            "w" | "week" | "weeks" => 604_800,
-            _ => return Err(invalid()),
-        };
-        total = number
-            .checked_mul(scale)
-            .and_then(|n| total.checked_add(n))
-            .ok_or_else(invalid)?;
-        rest = after.trim_start();
-    }
-    Ok(Duration::from_secs(total))
+    humantime::parse_duration(text)
+        .map_err(|why| format!("{text:?} is not a duration ({why}; e.g. 0, 90s, 30min, 2h, 1d)"))
 }
 
 /// Parses `--job-uri` without echoing the value, as clap's own errors do:

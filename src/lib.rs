@@ -20,11 +20,10 @@ pub mod store_path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::Parser as _;
 
 use crate::activate::Runner;
 use crate::cli::{Cli, Command, ManagerCommand, ServiceCommand};
-use crate::hydra::Selection;
 use crate::pass::Pass;
 use crate::profile::Profile;
 use crate::state::StateDir;
@@ -32,7 +31,7 @@ use crate::store_path::StoreDir;
 
 /// The whole program: parse, run, print one error with its chain.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|err| cli::exit_with(err));
     let (profile, job) = match &cli.command {
         Some(Command::Activate(args)) => (args.profile.profile.as_ref(), Some(&args.job_uri)),
         Some(Command::ActivationFinished(args)) => (Some(&args.profile), None),
@@ -145,18 +144,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let timeouts = args
                 .timeout
                 .map_or(hydra::Timeouts::DEFAULT, hydra::Timeouts::total);
-            let selection = match (args.wait_for_jobset, args.latest_finished, args.system) {
-                (true, _, system) => Selection::WholeJobset { system },
-                (false, true, _) => Selection::LatestFinished,
-                (false, false, Some(system)) => Selection::LatestFor(system),
-                (false, false, None) => Selection::Latest,
-            };
             let hydra = hydra::Client::new(hydra::ClientConfig {
                 job,
                 credentials,
                 timeouts,
                 store: store.clone(),
-                selection,
+                selection: args.selection.selection(),
                 output: args.output,
             })?;
             let state = state_dir(args.lock.state_dir);

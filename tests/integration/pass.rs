@@ -495,6 +495,12 @@ fn usage_errors_exit_2_and_create_nothing() {
             "/job/PROJECT/JOBSET/JOB",
         ),
         (vec!["--job-uri", &job], "--profile"),
+        // clap's own message, plus where a unit would set it.
+        (vec!["--job-uri", &job], "HAIL_PROFILE in the environment"),
+        (
+            vec!["--profile", "web", "--latest-finished", "--wait-for-jobset"],
+            "cannot be used with",
+        ),
     ] {
         let mut cmd = world.bare_hail();
         cmd.args(&args)
