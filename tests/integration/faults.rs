@@ -32,8 +32,12 @@ fn last_activation_label(world: &World) -> Option<String> {
 
 /// The state file hail keeps for the test profile.
 fn state(world: &World) -> Value {
-    let text = std::fs::read(world.state_dir().join("web.json")).unwrap_or_default();
-    serde_json::from_slice(&text).unwrap_or(Value::Null)
+    let path = world.state_dir().join("web.json");
+    match crate::common::read_if_exists(&path) {
+        Some(text) => serde_json::from_str(&text)
+            .unwrap_or_else(|err| panic!("{} is not JSON: {err}", path.display())),
+        None => Value::Null,
+    }
 }
 
 /// `a` is still deployed: profile, generation, and last activation.

@@ -85,8 +85,9 @@ fn assert_regular_with(path: &Path, expected: &str, run: &Run) {
 }
 
 fn state_json(world: &World) -> Value {
-    serde_json::from_slice(&std::fs::read(world.state_dir().join("web.json")).unwrap())
-        .unwrap_or(Value::Null)
+    let path = world.state_dir().join("web.json");
+    serde_json::from_str(&crate::common::read_existing(&path))
+        .unwrap_or_else(|err| panic!("{} is not JSON: {err}", path.display()))
 }
 
 fn metrics_path(world: &World) -> PathBuf {
@@ -394,7 +395,7 @@ fn service_activate_never_writes_through_links() {
     assert_regular_with(&units.join("web.service"), "ExecStart=/bin/true", &run);
     assert_regular_with(&units.join(".hail-service-web.units"), "web.service", &run);
     assert!(exists(&units.join("other.service")), "{run:?}");
-    let calls = std::fs::read_to_string(&record).unwrap_or_default();
+    let calls = crate::common::read_if_exists(&record).unwrap_or_default();
     assert!(!calls.contains("other.service"), "{calls}\n{run:?}");
     assert!(calls.contains("start web.service"), "{calls}\n{run:?}");
     assert!(
@@ -458,7 +459,7 @@ impl ManagerDirs {
     }
 
     fn calls(&self) -> String {
-        std::fs::read_to_string(&self.record).unwrap_or_default()
+        crate::common::read_if_exists(&self.record).unwrap_or_default()
     }
 }
 

@@ -135,7 +135,7 @@ impl Container {
     /// A file in the container, if it exists (not following symlinks out of
     /// it: do not use this for paths that are symlinks).
     pub fn read(&self, path: &str) -> Option<String> {
-        fs::read_to_string(self.path(path)).ok()
+        super::read_if_exists(&self.path(path))
     }
 
     /// Boots the container and waits until systemd says `running` (or
@@ -310,12 +310,15 @@ exec unshare --mount --propagation private -- sh -euc '
     }
 
     /// The lines of a file, read inside the container (so /run is its own
-    /// tmpfs); none if the file does not exist.
+    /// tmpfs); none if the file does not exist, and any other failure to read
+    /// it fails the test.
     pub fn lines(&self, path: &str) -> Vec<String> {
-        let run = self.exec(&["cat", path]);
-        if run.code != Some(0) {
-            return Vec::new();
-        }
+        let run = self.exec(&["sh", "-c", "[ ! -e \"$1\" ] || cat -- \"$1\"", "sh", path]);
+        assert_eq!(
+            run.code,
+            Some(0),
+            "cannot read {path} in the container: {run:?}"
+        );
         run.stdout.lines().map(str::to_owned).collect()
     }
 

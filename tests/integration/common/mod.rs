@@ -191,18 +191,25 @@ impl World {
 
     /// Where the profile points, fully resolved; `None` if there is no profile.
     pub fn profile_target(&self) -> Option<String> {
-        std::fs::canonicalize(self.profile_path())
-            .ok()
-            .map(|p| p.to_string_lossy().into_owned())
+        match std::fs::canonicalize(self.profile_path()) {
+            Ok(path) => Some(path.to_string_lossy().into_owned()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+            Err(err) => panic!("cannot resolve the profile: {err}"),
+        }
     }
 
-    /// The profile's generation numbers, from its `web-N-link` links.
+    /// The profile's generation numbers, from its `web-N-link` links (none
+    /// while there is no profiles dir; any other error fails the test).
     pub fn generations(&self) -> Vec<u64> {
         let prefix = format!("{PROFILE}-");
-        let mut gens: Vec<u64> = std::fs::read_dir(self.profiles_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
+        let dir = self.profiles_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(err) => panic!("cannot list {}: {err}", dir.display()),
+        };
+        let mut gens: Vec<u64> = entries
+            .map(|entry| entry.unwrap_or_else(|err| panic!("cannot list {}: {err}", dir.display())))
             .filter_map(|e| {
                 e.file_name()
                     .to_str()?
@@ -218,8 +225,8 @@ impl World {
 
     /// One line per activate run, as the recording activate wrote them.
     pub fn activations(&self) -> Vec<String> {
-        std::fs::read_to_string(self.path("record"))
-            .unwrap_or_default()
+        // World::new creates the file: not reading it is a failure, not "none".
+        read_existing(&self.path("record"))
             .lines()
             .map(str::to_owned)
             .collect()
@@ -271,6 +278,21 @@ pub fn run_bounded(mut cmd: Command) -> Run {
 #[track_caller]
 pub fn assert_exit(run: &Run, code: i32) {
     assert_eq!(run.code, Some(code), "unexpected exit status:\n{run:?}");
+}
+
+/// A file the test made: failing to read it fails the test.
+pub fn read_existing(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()))
+}
+
+/// A file that may not exist yet: `None` then; any other error fails the test.
+pub fn read_if_exists(path: &Path) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Some(text),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => panic!("cannot read {}: {err}", path.display()),
+    }
 }
 
 pub fn exists(path: &Path) -> bool {
