@@ -927,9 +927,6 @@ impl Pass {
         })
     }
 
-    /// The environment of every script hail runs: `HAIL_PROFILE`,
-    /// `HAIL_BUILD_ID` (empty if unknown), `HAIL_STORE_PATH`,
-    /// `HAIL_PREVIOUS_STORE_PATH`.
     fn with_script_env<T>(
         &self,
         build_id: Option<u64>,
@@ -937,14 +934,27 @@ impl Pass {
         previous: &str,
         run: impl FnOnce(&[(&str, &str)]) -> T,
     ) -> T {
-        let id = build_id.map(|id| id.to_string()).unwrap_or_default();
-        run(&[
-            ("HAIL_PROFILE", self.profile.name.as_str()),
-            ("HAIL_BUILD_ID", id.as_str()),
-            ("HAIL_STORE_PATH", store_path),
-            ("HAIL_PREVIOUS_STORE_PATH", previous),
-        ])
+        with_script_env(&self.profile, build_id, store_path, previous, run)
     }
+}
+
+/// Calls `run` with the environment of every script hail runs (activate,
+/// deactivate): `HAIL_PROFILE`, `HAIL_BUILD_ID` (empty if unknown),
+/// `HAIL_STORE_PATH`, `HAIL_PREVIOUS_STORE_PATH` (empty if none).
+fn with_script_env<T>(
+    profile: &Profile,
+    build_id: Option<u64>,
+    store_path: &str,
+    previous: &str,
+    run: impl FnOnce(&[(&str, &str)]) -> T,
+) -> T {
+    let id = build_id.map(|id| id.to_string()).unwrap_or_default();
+    run(&[
+        ("HAIL_PROFILE", profile.name.as_str()),
+        ("HAIL_BUILD_ID", id.as_str()),
+        ("HAIL_STORE_PATH", store_path),
+        ("HAIL_PREVIOUS_STORE_PATH", previous),
+    ])
 }
 
 /// Makes the record agree with the profile when the state does not say
@@ -1061,23 +1071,18 @@ impl BootActivation {
             .filter(|d| d.store_path == current.as_str());
         let build_id = this_deployment.as_ref().and_then(|d| d.build_id);
         report::status(&format!("activating {current}"));
-        let id = build_id.map(|id| id.to_string()).unwrap_or_default();
-        let env = [
-            ("HAIL_PROFILE", self.profile.name.as_str()),
-            ("HAIL_BUILD_ID", id.as_str()),
-            ("HAIL_STORE_PATH", current.as_str()),
-            ("HAIL_PREVIOUS_STORE_PATH", ""),
-        ];
         let about = About {
             build_id,
             store_path: Some(current.as_str()),
         };
-        let activation = activate::run(
-            self.profile.path(),
-            &self.runner,
-            &env,
-            self.activate_timeout,
-        )
+        let activation = with_script_env(&self.profile, build_id, current.as_str(), "", |env| {
+            activate::run(
+                self.profile.path(),
+                &self.runner,
+                env,
+                self.activate_timeout,
+            )
+        })
         .context("boot-time activation")
         .failed_as(FailureKind::Activation)?;
         let result = match activation {
