@@ -133,12 +133,7 @@ pub struct ManagerArgs {
     #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system")]
     pub unit_dir: PathBuf,
     /// Where the instances' profiles live (for their bin/deactivate).
-    #[arg(
-        long,
-        env = "HAIL_PROFILES_DIR",
-        value_name = "DIR",
-        default_value = "/nix/var/nix/profiles"
-    )]
+    #[arg(long, env = "HAIL_PROFILES_DIR", value_name = "DIR", default_value = PROFILES_DIR)]
     pub profiles_dir: PathBuf,
 }
 
@@ -164,12 +159,7 @@ pub struct ProfileArgs {
     pub profile: Option<ProfileName>,
 
     /// Where profiles live.
-    #[arg(
-        long,
-        env = "HAIL_PROFILES_DIR",
-        value_name = "DIR",
-        default_value = "/nix/var/nix/profiles"
-    )]
+    #[arg(long, env = "HAIL_PROFILES_DIR", value_name = "DIR", default_value = PROFILES_DIR)]
     pub profiles_dir: PathBuf,
 
     /// Seconds bin/activate may run before it is ended (its process group,
@@ -357,6 +347,9 @@ pub fn exit_with(err: clap::Error) -> ! {
     }
     err.exit()
 }
+
+/// Nix's profiles directory, unless `--profiles-dir` says otherwise.
+const PROFILES_DIR: &str = "/nix/var/nix/profiles";
 
 /// The longest a deadline may be: long enough for any real pass, short
 /// enough that deadline arithmetic never comes near overflowing.

@@ -128,12 +128,7 @@ fn stuck_nix_env_is_ended_at_nix_timeout() {
     cmd.env("PATH", path).args(["--nix-timeout", "1"]);
     let run = world.run(cmd);
     assert_exit(&run, 1);
-    let error = run
-        .stderr
-        .lines()
-        .skip_while(|l| !l.contains("error:"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let error = run.error();
     assert!(error.contains("nix-env --profile"), "{run:?}");
     assert!(error.contains("timed out after 1 s"), "{run:?}");
     assert!(error.contains("raise --nix-timeout"), "{run:?}");

@@ -319,12 +319,7 @@ fn rollback_names_the_build_status_and_stderr() {
     );
     let run = world.pass(&[]);
     assert_exit(&run, 3);
-    let error = run
-        .stderr
-        .lines()
-        .skip_while(|l| !l.contains("error:"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let error = run.error();
     assert!(
         error.contains(&format!("build {id} ({b}) failed to activate")),
         "{run:?}"

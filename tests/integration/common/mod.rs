@@ -59,6 +59,16 @@ impl Run {
     pub fn out(&self) -> String {
         self.stdout.trim().to_owned()
     }
+
+    /// Standard error from hail's `error:` line on (what it printed before,
+    /// such as activate's own output, left out).
+    pub fn error(&self) -> String {
+        self.stderr
+            .lines()
+            .skip_while(|l| !l.contains("error:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 /// A port on 127.0.0.1 that nothing listens on right now.
