@@ -254,6 +254,29 @@ pub enum Selection {
     WholeJobset { system: Option<String> },
 }
 
+impl fmt::Display for Selection {
+    /// The endpoint or mode, for records: `latest`, `latest-for/SYSTEM`, …
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Latest => f.write_str("latest"),
+            Self::LatestFor(system) => write!(f, "latest-for/{system}"),
+            Self::LatestFinished => f.write_str("latest-finished"),
+            Self::WholeJobset { system: None } => f.write_str("wait-for-jobset"),
+            Self::WholeJobset {
+                system: Some(system),
+            } => write!(f, "wait-for-jobset/{system}"),
+        }
+    }
+}
+
+/// Hydra's answer to "which build?".
+#[derive(Debug)]
+pub enum Latest {
+    /// The build the caller said it has (its id is all Hydra was asked).
+    Unchanged(u64),
+    Build(Build),
+}
+
 /// What a [`Client`] asks Hydra for, and how.
 pub struct ClientConfig {
     pub job: JobUri,
@@ -313,16 +336,31 @@ impl Client {
     /// The build to deploy, as the selection says: for the `latest`
     /// endpoints, Hydra's redirect, then the build it names, fetched from
     /// the job URI's own origin.
-    pub fn latest_build(&self) -> Result<Build> {
+    ///
+    /// With `known`, the id of the build the caller has deployed with the same
+    /// [`Client::source`], a redirect to that id ends the exchange: one small
+    /// request when nothing changed.
+    pub fn latest(&self, known: Option<u64>) -> Result<Latest> {
         let endpoint = match &self.selection {
-            Selection::Latest => "latest".to_owned(),
-            Selection::LatestFor(system) => format!("latest-for/{system}"),
-            Selection::LatestFinished => "latest-finished".to_owned(),
-            Selection::WholeJobset { system } => return self.whole_jobset_build(system.as_deref()),
+            Selection::WholeJobset { system } => {
+                return self
+                    .whole_jobset_build(system.as_deref())
+                    .map(Latest::Build);
+            }
+            redirecting => redirecting.to_string(),
         };
         let url = format!("{}/{endpoint}", self.job.url());
         let id = self.redirect_target(&url)?;
-        self.build(id)
+        if known == Some(id) {
+            return Ok(Latest::Unchanged(id));
+        }
+        self.build(id).map(Latest::Build)
+    }
+
+    /// What a build id means here: the job, the selection and the output.
+    /// Only a deployment made with the same source may skip `/build/ID`.
+    pub fn source(&self) -> String {
+        format!("{} {} {}", self.job, self.selection, self.output)
     }
 
     /// `--wait-for-jobset`: the newest evaluation (of a bounded number) whose
@@ -461,33 +499,52 @@ impl Client {
     /// Follows nothing: reads the build id out of the 302 that Hydra's
     /// `latest` endpoints answer with.
     fn redirect_target(&self, url: &str) -> Result<u64> {
-        let mut response = self.get(url)?;
-        let status = response.status();
-        let location = location(&response);
-        // Read the small "Moved" page so the connection can be reused.
-        let body = read_body(&mut response, url, MAX_BODY)?;
-        match (status, location) {
-            (
-                StatusCode::FOUND | StatusCode::SEE_OTHER | StatusCode::TEMPORARY_REDIRECT,
-                Some(location),
-            ) => {
-                let (id, origin) = build_id_from_location(&location).ok_or_else(|| {
-                    anyhow!(
-                        "Hydra answered {url} with {status} to {location:?}, which is not a Hydra build URL (…/build/ID)"
-                    )
-                })?;
-                if origin.is_some_and(|o| !self.same_origin(&o)) {
-                    log::warn!(
-                        "Hydra redirected to {location}, which is not on the job URI's origin; \
-                         fetching build {id} from {} instead (check the reverse proxy's \
-                         X-Forwarded-Host/-Proto headers)",
-                        self.job.build_url(id)
-                    );
-                }
-                Ok(id)
-            }
-            (status, location) => Err(self.status_error(url, status, &response, &body, location)),
+        // HEAD: the redirect is all hail needs, and without Hydra's "Moved"
+        // page a no-change pass stays one answer of about 300 bytes.
+        let response = self.head(url)?;
+        if let Some(id) = self.redirect_id(url, &response)? {
+            return Ok(id);
         }
+        // Not a redirect: Hydra's error body says why, so ask again with GET.
+        let mut response = self.get(url)?;
+        if let Some(id) = self.redirect_id(url, &response)? {
+            return Ok(id);
+        }
+        let body = read_body(&mut response, url, MAX_BODY)?;
+        Err(self.status_error(
+            url,
+            response.status(),
+            &response,
+            &body,
+            location(&response),
+        ))
+    }
+
+    /// The build id a `latest` redirect names; `None` if `response` is no
+    /// redirect (an error answer).
+    fn redirect_id(&self, url: &str, response: &Response<ureq::Body>) -> Result<Option<u64>> {
+        let status = response.status();
+        let (
+            StatusCode::FOUND | StatusCode::SEE_OTHER | StatusCode::TEMPORARY_REDIRECT,
+            Some(location),
+        ) = (status, location(response))
+        else {
+            return Ok(None);
+        };
+        let (id, origin) = build_id_from_location(&location).ok_or_else(|| {
+            anyhow!(
+                "Hydra answered {url} with {status} to {location:?}, which is not a Hydra build URL (…/build/ID)"
+            )
+        })?;
+        if origin.is_some_and(|o| !self.same_origin(&o)) {
+            log::warn!(
+                "Hydra redirected to {location}, which is not on the job URI's origin; \
+                 fetching build {id} from {} instead (check the reverse proxy's \
+                 X-Forwarded-Host/-Proto headers)",
+                self.job.build_url(id)
+            );
+        }
+        Ok(Some(id))
     }
 
     /// `GET BASE/build/ID`, validated into a deployable [`Build`].
@@ -500,10 +557,20 @@ impl Client {
     }
 
     fn get(&self, url: &str) -> Result<Response<ureq::Body>> {
-        let mut request = self
-            .agent
-            .get(url)
-            .header(header::ACCEPT, "application/json");
+        self.call(self.agent.get(url), url)
+    }
+
+    fn head(&self, url: &str) -> Result<Response<ureq::Body>> {
+        self.call(self.agent.head(url), url)
+    }
+
+    /// Sends `request` with the headers every request to Hydra carries.
+    fn call(
+        &self,
+        request: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+        url: &str,
+    ) -> Result<Response<ureq::Body>> {
+        let mut request = request.header(header::ACCEPT, "application/json");
         if let Some(auth) = &self.authorization {
             request = request.header(header::AUTHORIZATION, auth);
         }

@@ -10,7 +10,7 @@ use log::Level;
 
 use crate::activate::{self, Activation, ActivationFailure, Runner};
 use crate::failure::{FailedAs, Failure, FailureKind, kind_of};
-use crate::hydra::{self, Build};
+use crate::hydra::{self, Build, Latest};
 use crate::metrics;
 use crate::profile::Profile;
 use crate::report::{self, About, message_id};
@@ -181,9 +181,20 @@ impl Pass {
     /// Says what a pass would do now, from Hydra's answer, the profile and
     /// the state, and does none of it.
     fn dry_run(&self) -> Result<Outcome> {
-        let build = self.hydra.latest_build().failed_as(FailureKind::Hydra)?;
         let current = self.profile.current_target(&self.store)?;
         let state = self.state.load(&self.profile.name);
+        let known = unchanged_build(&state, current.as_ref(), &self.hydra.source());
+        let build = match self.hydra.latest(known).failed_as(FailureKind::Hydra)? {
+            Latest::Unchanged(id) => {
+                let path = state
+                    .deployed
+                    .as_ref()
+                    .map_or("", |d| d.store_path.as_str());
+                println!("up to date: build {id} {path}");
+                return Ok(Outcome::UpToDate);
+            }
+            Latest::Build(build) => build,
+        };
         let (id, path) = (build.id, &build.out_path);
         let outcome = match self.plan(&state, &build, current.as_ref()) {
             Plan::Reactivate => {
@@ -313,7 +324,19 @@ impl Pass {
         let current = self.profile.current_target(&self.store)?;
         self.reconcile(state, current.as_ref());
         report::status(&format!("asking Hydra for {}", self.hydra.job()));
-        let build = self.hydra.latest_build().failed_as(FailureKind::Hydra)?;
+        let known = unchanged_build(state, current.as_ref(), &self.hydra.source());
+        let build = match self.hydra.latest(known).failed_as(FailureKind::Hydra)? {
+            Latest::Unchanged(id) => {
+                *latest = Some(id);
+                let path = state
+                    .deployed
+                    .as_ref()
+                    .map_or("", |d| d.store_path.as_str());
+                report_up_to_date(id, path);
+                return Ok(Outcome::UpToDate);
+            }
+            Latest::Build(build) => build,
+        };
         *latest = Some(build.id);
         let current_str = current.as_ref().map(StorePath::as_str);
         let plan = self.plan(state, &build, current.as_ref());
@@ -352,15 +375,12 @@ impl Pass {
                 ),
             )),
             Plan::UpToDate => {
-                report::event(
-                    Level::Info,
-                    message_id::UP_TO_DATE,
-                    About::build(build.id, build.out_path.as_str()),
-                    format_args!("up to date: build {} ({})", build.id, build.out_path),
-                );
-                report::status(&format!("up to date: build {}", build.id));
+                report_up_to_date(build.id, build.out_path.as_str());
+                let source = self.hydra.source();
                 let known = state.deployed.as_ref().is_some_and(|d| {
-                    d.store_path == build.out_path.as_str() && d.build_id.is_some()
+                    d.store_path == build.out_path.as_str()
+                        && d.build_id == Some(build.id)
+                        && d.source.as_deref() == Some(source.as_str())
                 });
                 if !known {
                     // Deployed by someone else (or hail's state was lost): adopt
@@ -565,6 +585,7 @@ impl Pass {
             store_path: build.out_path.to_string(),
             generation: self.profile.current_generation(),
             job: self.hydra.job().to_string(),
+            source: Some(self.hydra.source()),
             at: state::now(),
             activation,
             activation_failures: 0,
@@ -871,6 +892,7 @@ impl Pass {
             store_path: previous.store_path.clone(),
             generation: Some(generation),
             job: self.hydra.job().to_string(),
+            source: None,
             at: previous.at.unwrap_or_else(state::now),
             activation: ActivationState::Done,
             activation_failures: 0,
@@ -1001,6 +1023,7 @@ fn adopt_profile(
         store_path,
         generation,
         job: job.to_string(),
+        source: None,
         activation: ActivationState::Done,
         activation_failures: 0,
         previous: None,
@@ -1136,6 +1159,36 @@ impl BootActivation {
         }
         result
     }
+}
+
+/// The build id that, if Hydra names it, leaves nothing to do: the deployed
+/// build, fully activated, from the same source, where the profile still
+/// points, with no hold, failure, wait or rollback to look into. Any doubt
+/// is `None`, and the pass fetches the build as usual.
+fn unchanged_build(state: &State, current: Option<&StorePath>, source: &str) -> Option<u64> {
+    let deployed = state.deployed.as_ref()?;
+    let settled = state.held.is_none()
+        && state.failed.is_none()
+        && state.waiting.is_none()
+        && state.rolling_back.is_none()
+        && deployed.activation == ActivationState::Done;
+    let same = current.map(StorePath::as_str) == Some(deployed.store_path.as_str())
+        && deployed.source.as_deref() == Some(source);
+    if settled && same {
+        deployed.build_id
+    } else {
+        None
+    }
+}
+
+fn report_up_to_date(build_id: u64, store_path: &str) {
+    report::event(
+        Level::Info,
+        message_id::UP_TO_DATE,
+        About::build(build_id, store_path),
+        format_args!("up to date: build {build_id} ({store_path})"),
+    );
+    report::status(&format!("up to date: build {build_id}"));
 }
 
 /// What Hydra must offer for a hold to end, for messages.

@@ -466,6 +466,11 @@ pub struct Deployment {
     pub store_path: String,
     pub generation: Option<u64>,
     pub job: String,
+    /// What the build id means: job, build selection and output
+    /// (`hydra::Client::source`). A pass with the same source whose Hydra
+    /// names this build id needs no more than that one answer.
+    #[serde(default)]
+    pub source: Option<String>,
     /// When the switch happened.
     pub at: u64,
     pub activation: ActivationState,

@@ -68,25 +68,60 @@ fn no_change_is_one_exchange_and_no_nix() {
     let world = World::new();
     let (id, path) = world.publish("a");
     assert_exit(&world.pass(&[]), 0);
-    let before = world.hydra.requests().len();
+    let requests = world.hydra.requests().len();
+    let bytes = world.hydra.bytes_sent();
 
+    // Hydra's redirect names the build hail deployed from the same source, and
+    // the profile is still there: one request, nothing else.
     let run = world.pass(&[]);
     assert_exit(&run, 0);
-    assert!(run.stderr.contains("up to date"), "{run:?}");
+    assert!(
+        run.stderr.contains(&format!("up to date: build {id}")),
+        "{run:?}"
+    );
     assert_eq!(world.profile_target().as_deref(), Some(path.as_str()));
     assert_eq!(world.generations(), [1]);
     assert_eq!(world.activations().len(), 1, "activate ran again");
-    let after: Vec<String> = world.hydra.requests()[before..]
+    let after: Vec<String> = world.hydra.requests()[requests..]
         .iter()
         .map(|r| r.path.clone())
         .collect();
-    assert_eq!(
-        after,
-        [
-            format!("/job/hail/main/{JOB}/latest"),
-            format!("/build/{id}")
-        ]
-    );
+    assert_eq!(after, [format!("/job/hail/main/{JOB}/latest")]);
+    let received = world.hydra.bytes_sent() - bytes;
+    assert!(received < 512, "a no-change pass received {received} bytes");
+
+    // A dry run says the same from the same one request.
+    let run = world.pass(&["--dry-run"]);
+    assert_exit(&run, 0);
+    assert_eq!(run.out(), format!("up to date: build {id} {path}"));
+    assert_eq!(world.hydra.requests().len(), requests + 2);
+}
+
+#[test]
+fn any_doubt_fetches_the_build_again() {
+    let world = World::new();
+    let (id, _) = world.publish("a");
+    assert_exit(&world.pass(&[]), 0);
+    let build_fetches = || {
+        world
+            .hydra
+            .requests()
+            .iter()
+            .filter(|r| r.path == format!("/build/{id}"))
+            .count()
+    };
+    let first = build_fetches();
+    // Another output or selection: the id alone proves nothing.
+    assert_exit(&world.pass(&["--system", "x86_64-linux"]), 0);
+    assert_eq!(build_fetches(), first + 1);
+    // No state: the same.
+    std::fs::remove_file(world.state_dir().join("web.json")).unwrap();
+    assert_exit(&world.pass(&[]), 0);
+    assert_eq!(build_fetches(), first + 2);
+    // That pass made the record whole again: back to one request.
+    assert_exit(&world.pass(&[]), 0);
+    assert_exit(&world.pass(&[]), 0);
+    assert_eq!(build_fetches(), first + 2);
 }
 
 #[test]
