@@ -1,10 +1,16 @@
-//! The documentation stays true to the code. What can be generated is: the man pages
-//! (`docs/hail.1`, one per subcommand) and the shell completions in `docs/completions/`
-//! from the clap definition (`hail::cli::Cli`), and `docs/nixos-options.md` from
-//! `nixos/module.nix` itself. Each test renders its file and fails when the committed one
-//! differs; `HAIL_BLESS=1 cargo test --locked docs::` writes them instead.
+//! The documentation stays true to the code. What can be generated is: the man page
+//! `docs/hail.1` and the shell completions in `docs/completions/` from the clap definition
+//! (`hail::cli::Cli`), and `docs/nixos-options.md` from `nixos/module.nix` itself. Each test
+//! renders its file and fails when the committed one differs; `HAIL_BLESS=1 cargo test
+//! --locked docs::` writes them instead. The hand-written pages are checked where the code
+//! can say what they must contain: every option and subcommand in `docs/command-line.md`,
+//! every module of `src/` once in the README's "Architecture", and every relative link
+//! between the pages.
 //!
 //! The NixOS option reference needs nixpkgs' lib, found as the `nixos::` tests find it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use clap::CommandFactory;
 use clap_complete::Shell;
@@ -299,4 +305,239 @@ fn markdown_roles_are_dropped_and_braces_kept() {
         plain_markdown("{ web.jobUri = …; } and {x} `y`"),
         "{ web.jobUri = …; } and {x} `y`"
     );
+}
+
+fn read(relative: &str) -> String {
+    std::fs::read_to_string(repo().join(relative))
+        .unwrap_or_else(|err| panic!("read {relative}: {err}"))
+}
+
+/// Whether `text` names the option `--long`, not merely one that starts with it.
+fn mentions_option(text: &str, long: &str) -> bool {
+    let flag = format!("--{long}");
+    text.match_indices(&flag).any(|(at, _)| {
+        !text[at + flag.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '-')
+    })
+}
+
+#[test]
+fn command_line_reference_names_every_option_and_subcommand() {
+    let reference = read("docs/command-line.md");
+    let mut missing = Vec::new();
+    for (words, command) in visible_commands() {
+        if words != "hail" && !reference.contains(&format!("`{words}")) {
+            missing.push(format!("the subcommand `{words}`"));
+        }
+        for arg in command.get_arguments().filter(|arg| !arg.is_hide_set()) {
+            if let Some(long) = arg.get_long()
+                && !mentions_option(&reference, long)
+            {
+                missing.push(format!("`--{long}` of `{words}`"));
+            }
+            if let Some(env) = arg.get_env().and_then(|env| env.to_str())
+                && !arg.is_hide_env_set()
+                && !reference.contains(env)
+            {
+                missing.push(format!("`{env}` of `{words}`"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/command-line.md does not mention {}",
+        missing.join(", ")
+    );
+}
+
+#[test]
+fn option_mentions_are_whole_names() {
+    assert!(mentions_option("`--system SYSTEM`", "system"));
+    assert!(mentions_option("ends with --force", "force"));
+    assert!(!mentions_option("`--systems`", "system"));
+    assert!(!mentions_option("`--nix-timeout`", "nix"));
+}
+
+/// The README's "## Architecture" section, up to the next second-level heading.
+fn architecture_section(readme: &str) -> &str {
+    let start = readme
+        .find("\n## Architecture\n")
+        .expect("README.md has a \"## Architecture\" section");
+    let body = &readme[start + 1..];
+    let end = body[3..].find("\n## ").map_or(body.len(), |end| end + 3);
+    &body[..end]
+}
+
+#[test]
+fn readme_architecture_names_every_module_once() {
+    let readme = read("README.md");
+    let section = architecture_section(&readme);
+    let mut named: BTreeMap<String, usize> = BTreeMap::new();
+    for (at, _) in section.match_indices("`src/") {
+        let rest = &section[at + 1..];
+        let end = rest.find('`').expect("a closed code span");
+        if rest[..end].ends_with(".rs") {
+            *named.entry(rest[..end].to_owned()).or_default() += 1;
+        }
+    }
+    let mut modules: Vec<String> = std::fs::read_dir(repo().join("src"))
+        .expect("read src/")
+        .map(|entry| {
+            format!(
+                "src/{}",
+                entry
+                    .expect("directory entry")
+                    .file_name()
+                    .to_string_lossy()
+            )
+        })
+        .filter(|name| name.ends_with(".rs"))
+        .collect();
+    modules.sort();
+    for module in &modules {
+        assert_eq!(
+            named.get(module),
+            Some(&1),
+            "README.md's Architecture names `{module}` {} times; name every module of src/ \
+             exactly once, with what it owns",
+            named.get(module).unwrap_or(&0)
+        );
+    }
+    let unknown: Vec<&String> = named
+        .keys()
+        .filter(|name| !modules.contains(name))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "README.md's Architecture names files that are not in src/: {unknown:?}"
+    );
+}
+
+/// The Markdown pages whose links are checked.
+fn pages() -> Vec<PathBuf> {
+    let mut pages = vec![repo().join("README.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(repo().join("docs"))
+        .expect("read docs/")
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
+        .collect();
+    docs.sort();
+    pages.extend(docs);
+    pages
+}
+
+/// The lines of a Markdown page outside fenced code blocks.
+fn prose_lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut fenced = false;
+    text.lines().filter(move |line| {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            return false;
+        }
+        !fenced
+    })
+}
+
+/// The anchors GitHub gives a page's headings: lower case, spaces to `-`, other
+/// punctuation dropped, `-1`, `-2`, … for repeats.
+fn anchors(text: &str) -> Vec<String> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut anchors = Vec::new();
+    for line in prose_lines(text) {
+        let hashes = line.bytes().take_while(|&b| b == b'#').count();
+        if !(1..=6).contains(&hashes) || !line[hashes..].starts_with(' ') {
+            continue;
+        }
+        let slug: String = line[hashes..]
+            .trim()
+            .to_lowercase()
+            .chars()
+            .filter_map(|c| match c {
+                ' ' => Some('-'),
+                c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                _ => None,
+            })
+            .collect();
+        let count = seen.entry(slug.clone()).or_default();
+        anchors.push(match *count {
+            0 => slug,
+            n => format!("{slug}-{n}"),
+        });
+        *count += 1;
+    }
+    anchors
+}
+
+/// The targets of a page's inline links `[text](target)`, outside code.
+fn link_targets(text: &str) -> Vec<String> {
+    let mut targets = Vec::new();
+    for line in prose_lines(text) {
+        // Code spans may hold `](`, as in Nix or shell text.
+        let prose: String = line
+            .split('`')
+            .enumerate()
+            .filter(|(index, _)| index % 2 == 0)
+            .map(|(_, part)| part)
+            .collect::<Vec<_>>()
+            .join(" ");
+        for (at, _) in prose.match_indices("](") {
+            let rest = &prose[at + 2..];
+            if let Some(end) = rest.find(')') {
+                targets.push(rest[..end].to_owned());
+            }
+        }
+    }
+    targets
+}
+
+#[test]
+fn links_between_the_pages_resolve() {
+    let mut broken = Vec::new();
+    for page in pages() {
+        let text = std::fs::read_to_string(&page).expect("read page");
+        let name = page.strip_prefix(repo()).expect("in the repo").display();
+        for target in link_targets(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (file, anchor) = target.split_once('#').unwrap_or((&target, ""));
+            let linked = if file.is_empty() {
+                page.clone()
+            } else {
+                page.parent().expect("a directory").join(file)
+            };
+            if !linked.exists() {
+                broken.push(format!("{name}: {target}: no such file"));
+                continue;
+            }
+            if !anchor.is_empty() && !has_anchor(&linked, anchor) {
+                broken.push(format!("{name}: {target}: no such heading"));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+fn has_anchor(page: &Path, anchor: &str) -> bool {
+    std::fs::read_to_string(page).is_ok_and(|text| anchors(&text).iter().any(|a| a == anchor))
+}
+
+#[test]
+fn anchors_and_links_are_found_as_github_makes_them() {
+    let page = "# hail\n## What `activate` sees\n```\n# not a heading [x](nowhere)\n```\n\
+                ## 1. A failed activation rolls back\n## Tests\n## Tests\n\
+                See [status](operations.md#hail-status) and `[x](y)`.\n";
+    assert_eq!(
+        anchors(page),
+        [
+            "hail",
+            "what-activate-sees",
+            "1-a-failed-activation-rolls-back",
+            "tests",
+            "tests-1"
+        ]
+    );
+    assert_eq!(link_targets(page), ["operations.md#hail-status"]);
 }
