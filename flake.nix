@@ -44,6 +44,7 @@
           lib,
           rustPlatform,
           stdenv,
+          installShellFiles,
         }:
         rustPlatform.buildRustPackage {
           pname = "hail";
@@ -51,6 +52,8 @@
           inherit src;
 
           cargoLock.lockFile = ./Cargo.lock;
+
+          nativeBuildInputs = [ installShellFiles ];
 
           # The integration tests (one test binary, tests/integration/main.rs) need a
           # real Nix store, loopback HTTP servers, systemd or nixpkgs' lib: none of that
@@ -69,6 +72,7 @@
             "nixlib"
             "units"
             "bench"
+            "docs"
           ];
           # `--skip` matches substrings of test names in every test binary, so the run
           # above also skips unit tests in src/ whose module path contains one of those
@@ -89,6 +93,32 @@
                 --offline "''${unitTestTargets[@]}" -- --test-threads="$NIX_BUILD_CORES"
             )
           '';
+
+          # The man pages and shell completions in docs/, generated from the clap
+          # definition and kept current by the docs:: tests. Only those files, so that
+          # editing the rest of docs/ does not rebuild the package.
+          postInstall =
+            let
+              generated = lib.cleanSourceWith {
+                name = "hail-generated-docs";
+                src = ./docs;
+                filter =
+                  path: type:
+                  let
+                    relative = lib.removePrefix (toString ./docs + "/") (toString path);
+                  in
+                  type == "directory"
+                  || lib.hasSuffix ".1" relative
+                  || lib.hasPrefix "completions/" relative;
+              };
+            in
+            ''
+              installManPage ${generated}/*.1
+              installShellCompletion --cmd hail \
+                --bash ${generated}/completions/hail.bash \
+                --zsh ${generated}/completions/_hail \
+                --fish ${generated}/completions/hail.fish
+            '';
 
           meta = {
             inherit (cargoToml.package) description;

@@ -6,6 +6,7 @@
 mod bench;
 mod bounded;
 mod common;
+mod docs;
 mod faults;
 mod files;
 mod messages;

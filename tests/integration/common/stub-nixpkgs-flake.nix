@@ -17,12 +17,15 @@
               src = args.src;
               passthru_checkFlags = args.checkFlags;
               postCheck = args.postCheck;
+              postInstall = args.postInstall;
+              nativeBuildInputs = args.nativeBuildInputs;
               cargoLockFile = args.cargoLock.lockFile;
             } // { inherit (args) meta; passthru = args; };
             runCommand = name: env: cmd: drv name (builtins.removeAttrs env [ "passAsFile" ] // { cmd = cmd; });
             writeText = name: text: drv name { inherit text; };
             mkShell = args: drv "shell" { NIXPKGS_LIB = args.NIXPKGS_LIB; };
             testers.runNixOSTest = args: drv "vm-test-run-${args.name}" { };
+            installShellFiles = drv "install-shell-files" {};
             cargo = drv "cargo" {}; rustc = drv "rustc" {}; clippy = drv "clippy" {}; rustfmt = drv "rustfmt" {}; nix = drv "nix" {}; systemd = drv "systemd" {}; nixfmt = drv "nixfmt" {};
           };
         in pkgs;
