@@ -274,7 +274,8 @@ pub struct SelectionArgs {
 
     /// Only this job's build from the newest evaluation in which every build
     /// finished successfully (reads up to 3 pages of evaluations and the
-    /// builds of up to 10).
+    /// builds of up to 10, each evaluation once: while Hydra's newest
+    /// finished evaluation is unchanged, one small request).
     #[arg(long, env = "HAIL_WAIT_FOR_JOBSET", group = "build_selection")]
     pub wait_for_jobset: bool,
 }

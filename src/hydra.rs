@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine as _;
-use serde::Deserialize;
 use serde::de::{self, DeserializeOwned, Deserializer, IgnoredAny, Unexpected, Visitor};
+use serde::{Deserialize, Serialize};
 use ureq::Agent;
 use ureq::http::{Response, StatusCode, Uri, header};
 
@@ -107,6 +107,14 @@ impl JobUri {
     pub fn evals_url(&self, page: usize) -> String {
         format!(
             "{}/jobset/{}/{}/evals?page={page}",
+            self.base, self.project, self.jobset
+        )
+    }
+
+    /// Hydra's newest evaluation with no unfinished builds (a redirect).
+    pub fn latest_eval_url(&self) -> String {
+        format!(
+            "{}/jobset/{}/{}/latest-eval",
             self.base, self.project, self.jobset
         )
     }
@@ -340,21 +348,36 @@ impl Client {
     /// With `known`, the id of the build the caller has deployed with the same
     /// [`Client::source`], a redirect to that id ends the exchange: one small
     /// request when nothing changed.
-    pub fn latest(&self, known: Option<u64>) -> Result<Latest> {
+    ///
+    /// `--wait-for-jobset` remembers what it judged in an [`EvalMemo`]: given
+    /// the last one, it reads no evaluation twice, and while Hydra's newest
+    /// finished evaluation is the same, one small request is all it sends.
+    /// The memo to keep comes back with the answer, an error included.
+    pub fn latest(
+        &self,
+        known: Option<u64>,
+        memo: Option<&EvalMemo>,
+    ) -> (Result<Latest>, Option<EvalMemo>) {
         let endpoint = match &self.selection {
             Selection::WholeJobset { system } => {
-                return self
-                    .whole_jobset_build(system.as_deref())
-                    .map(Latest::Build);
+                let (choice, memo) = self.whole_jobset_build(system.as_deref(), memo);
+                let latest = choice.and_then(|choice| match choice {
+                    Choice::Build(build) => Ok(Latest::Build(build)),
+                    Choice::Id(id) if known == Some(id) => Ok(Latest::Unchanged(id)),
+                    Choice::Id(id) => self.build(id).map(Latest::Build),
+                });
+                return (latest, memo);
             }
             redirecting => redirecting.to_string(),
         };
         let url = format!("{}/{endpoint}", self.job.url());
-        let id = self.redirect_target(&url)?;
-        if known == Some(id) {
-            return Ok(Latest::Unchanged(id));
-        }
-        self.build(id).map(Latest::Build)
+        let latest = self.redirect_target(&url, "build").and_then(|id| {
+            if known == Some(id) {
+                return Ok(Latest::Unchanged(id));
+            }
+            self.build(id).map(Latest::Build)
+        });
+        (latest, None)
     }
 
     /// What a build id means here: the job, the selection and the output.
@@ -365,7 +388,47 @@ impl Client {
 
     /// `--wait-for-jobset`: the newest evaluation (of a bounded number) whose
     /// builds all finished successfully and that has a build of this job.
-    fn whole_jobset_build(&self, system: Option<&str>) -> Result<Build> {
+    fn whole_jobset_build(
+        &self,
+        system: Option<&str>,
+        memo: Option<&EvalMemo>,
+    ) -> (Result<Choice>, Option<EvalMemo>) {
+        let source = self.source();
+        let memo = memo.filter(|m| m.source == source);
+        let newest_complete = match self.redirect_target(&self.job.latest_eval_url(), "eval") {
+            Ok(eval) => eval,
+            Err(err) => return (Err(err), memo.cloned()),
+        };
+        if let Some(memo) = memo.filter(|m| m.newest_complete == newest_complete) {
+            // Nothing was evaluated (and finished) since: the same answer.
+            let choice = match (memo.chosen, &memo.waiting) {
+                (Some(id), _) => Ok(Choice::Id(id)),
+                (None, why) => Err(anyhow!("{why}")),
+            };
+            return (choice, Some(memo.clone()));
+        }
+        let mut next = EvalMemo {
+            source,
+            newest_complete,
+            chosen: None,
+            waiting: String::new(),
+            verdicts: memo.map(|m| m.verdicts.clone()).unwrap_or_default(),
+            job_systems: memo.map(|m| m.job_systems.clone()).unwrap_or_default(),
+        };
+        let choice = self.walk_evaluations(system, &mut next);
+        match &choice {
+            Ok(Choice::Build(build)) => next.chosen = Some(build.id),
+            Ok(Choice::Id(id)) => next.chosen = Some(*id),
+            Err(err) => next.waiting = format!("{err:#}"),
+        }
+        next.forget_old_verdicts();
+        (choice, Some(next))
+    }
+
+    /// The newest evaluation (of a bounded number) whose builds all finished
+    /// successfully and that has a build of this job; evaluations judged
+    /// before are taken from `memo`, new finished ones added to it.
+    fn walk_evaluations(&self, system: Option<&str>, memo: &mut EvalMemo) -> Result<Choice> {
         let mut read = EvalsRead::default();
         'pages: for page in 1..=MAX_EVAL_PAGES {
             let url = self.job.evals_url(page);
@@ -377,19 +440,32 @@ impl Client {
                     break 'pages;
                 }
                 read.checked += 1;
+                if let Some(verdict) = memo.verdicts.get(&eval.id) {
+                    match verdict {
+                        Verdict::Deploy(id) => return Ok(Choice::Id(*id)),
+                        Verdict::Skip(why) => {
+                            read.skipped.push(format!("evaluation {} {why}", eval.id));
+                            read.job_systems.extend(memo.job_systems.iter().cloned());
+                            continue;
+                        }
+                    }
+                }
                 let builds: Vec<HydraBuild> = self.get_json(
                     &self.job.eval_builds_url(eval.id),
                     MAX_EVALS_BODY,
                     "a list of builds",
                 )?;
-                read.job_systems.extend(
-                    builds
-                        .iter()
-                        .filter(|b| b.job == self.job.job)
-                        .map(|b| b.system.clone()),
-                );
+                let systems: BTreeSet<String> = builds
+                    .iter()
+                    .filter(|b| b.job == self.job.job)
+                    .map(|b| b.system.clone())
+                    .collect();
+                memo.job_systems.extend(systems.iter().cloned());
+                read.job_systems.extend(systems);
+                let finished = builds.iter().all(|b| b.finished);
                 match eval_verdict(&builds, &self.job.job, system) {
                     EvalVerdict::Deploy(build) => {
+                        memo.verdicts.insert(eval.id, Verdict::Deploy(build.id));
                         if !read.skipped.is_empty() {
                             log::info!(
                                 "deploying from evaluation {}, not from the newer ones: {}",
@@ -399,6 +475,7 @@ impl Client {
                         }
                         return build
                             .deployable(build.id, &self.output, &self.store)
+                            .map(Choice::Build)
                             .with_context(|| {
                                 format!(
                                     "Hydra's build {} (in evaluation {}) cannot be deployed",
@@ -407,6 +484,10 @@ impl Client {
                             });
                     }
                     EvalVerdict::Skip(why) => {
+                        // Only a finished evaluation's verdict is final.
+                        if finished {
+                            memo.verdicts.insert(eval.id, Verdict::Skip(why.clone()));
+                        }
                         read.skipped.push(format!("evaluation {} {why}", eval.id));
                     }
                 }
@@ -498,16 +579,18 @@ impl Client {
 
     /// Follows nothing: reads the build id out of the 302 that Hydra's
     /// `latest` endpoints answer with.
-    fn redirect_target(&self, url: &str) -> Result<u64> {
+    /// The id in the redirect Hydra answers `url` with: `…/KIND/ID` (a
+    /// build for the `latest` endpoints, an evaluation for `latest-eval`).
+    fn redirect_target(&self, url: &str, kind: &str) -> Result<u64> {
         // HEAD: the redirect is all hail needs, and without Hydra's "Moved"
         // page a no-change pass stays one answer of about 300 bytes.
         let response = self.head(url)?;
-        if let Some(id) = self.redirect_id(url, &response)? {
+        if let Some(id) = self.redirect_id(url, &response, kind)? {
             return Ok(id);
         }
         // Not a redirect: Hydra's error body says why, so ask again with GET.
         let mut response = self.get(url)?;
-        if let Some(id) = self.redirect_id(url, &response)? {
+        if let Some(id) = self.redirect_id(url, &response, kind)? {
             return Ok(id);
         }
         let body = read_body(&mut response, url, MAX_BODY)?;
@@ -522,7 +605,12 @@ impl Client {
 
     /// The build id a `latest` redirect names; `None` if `response` is no
     /// redirect (an error answer).
-    fn redirect_id(&self, url: &str, response: &Response<ureq::Body>) -> Result<Option<u64>> {
+    fn redirect_id(
+        &self,
+        url: &str,
+        response: &Response<ureq::Body>,
+        kind: &str,
+    ) -> Result<Option<u64>> {
         let status = response.status();
         let (
             StatusCode::FOUND | StatusCode::SEE_OTHER | StatusCode::TEMPORARY_REDIRECT,
@@ -531,12 +619,13 @@ impl Client {
         else {
             return Ok(None);
         };
-        let (id, origin) = build_id_from_location(&location).ok_or_else(|| {
+        let (id, origin) = id_from_location(&location, kind).ok_or_else(|| {
             anyhow!(
-                "Hydra answered {url} with {status} to {location:?}, which is not a Hydra build URL (…/build/ID)"
+                "Hydra answered {url} with {status} to {location:?}, which is not a Hydra \
+                 {kind} URL (…/{kind}/ID)"
             )
         })?;
-        if origin.is_some_and(|o| !self.same_origin(&o)) {
+        if kind == "build" && origin.is_some_and(|o| !self.same_origin(&o)) {
             log::warn!(
                 "Hydra redirected to {location}, which is not on the job URI's origin; \
                  fetching build {id} from {} instead (check the reverse proxy's \
@@ -762,13 +851,15 @@ fn hydra_error_message(response: &Response<ureq::Body>, body: &[u8]) -> Option<S
 
 /// `…/build/123` (absolute or relative, any query) → (123, the origin if
 /// the Location was absolute).
-fn build_id_from_location(location: &str) -> Option<(u64, Option<Origin>)> {
+/// `…/KIND/123` (absolute or relative, any query) → (123, the origin if the
+/// Location was absolute).
+fn id_from_location(location: &str, kind: &str) -> Option<(u64, Option<Origin>)> {
     let uri: Uri = location.parse().ok()?;
     let origin = match uri.scheme() {
         Some(_) => Some(origin(&uri)?),
         None => None,
     };
-    let (_, id) = uri.path().rsplit_once("/build/")?;
+    let (_, id) = uri.path().rsplit_once(&format!("/{kind}/"))?;
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -972,15 +1063,61 @@ fn eval_verdict<'a>(builds: &'a [HydraBuild], job: &str, system: Option<&str>) -
     if failed > 0 {
         return EvalVerdict::Skip(format!("has {failed} failed builds"));
     }
+    // Several systems' builds of the job: the highest id, as Hydra's `latest`.
     let ours = builds
         .iter()
-        .find(|b| b.job == job && system.is_none_or(|s| b.system == s));
+        .filter(|b| b.job == job && system.is_none_or(|s| b.system == s))
+        .max_by_key(|b| b.id);
     match (ours, system) {
         (Some(build), _) => EvalVerdict::Deploy(build),
         (None, Some(system)) if builds.iter().any(|b| b.job == job) => {
             EvalVerdict::Skip(format!("has no build of {job} for {system}"))
         }
         (None, _) => EvalVerdict::Skip(format!("has no build of {job}")),
+    }
+}
+
+/// What `--wait-for-jobset` found: a build read with its evaluation, or
+/// only the id of one judged before.
+enum Choice {
+    Build(Build),
+    Id(u64),
+}
+
+/// What `--wait-for-jobset` judged, kept in the state between passes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvalMemo {
+    /// The [`Client::source`] it was judged for; another source starts afresh.
+    pub source: String,
+    /// Hydra's newest evaluation with no unfinished builds (`latest-eval`).
+    pub newest_complete: u64,
+    /// The build chosen then, or none (`waiting` says why).
+    pub chosen: Option<u64>,
+    pub waiting: String,
+    /// Verdicts on finished evaluations, which do not change.
+    pub verdicts: BTreeMap<u64, Verdict>,
+    /// The systems the job was seen built for, for messages.
+    pub job_systems: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Every build succeeded; this is the job's build.
+    Deploy(u64),
+    /// Why not.
+    Skip(String),
+}
+
+impl EvalMemo {
+    /// Keeps the verdicts on the newest evaluations only: older ones are
+    /// never read again.
+    fn forget_old_verdicts(&mut self) {
+        const KEPT: usize = 2 * MAX_EVALS_CHECKED;
+        while self.verdicts.len() > KEPT {
+            self.verdicts.pop_first();
+        }
     }
 }
 
@@ -1161,7 +1298,7 @@ mod tests {
     #[test]
     fn locations() {
         assert_eq!(
-            build_id_from_location("https://hydra.example.org/build/4"),
+            id_from_location("https://hydra.example.org/build/4", "build"),
             Some((
                 4,
                 Some(Origin {
@@ -1172,7 +1309,7 @@ mod tests {
             ))
         );
         assert_eq!(
-            build_id_from_location("/prefix/build/17?x=1"),
+            id_from_location("/prefix/build/17?x=1", "build"),
             Some((17, None))
         );
         for bad in [
@@ -1187,7 +1324,7 @@ mod tests {
             "build/4",
             "",
         ] {
-            assert_eq!(build_id_from_location(bad), None, "{bad}");
+            assert_eq!(id_from_location(bad, "build"), None, "{bad}");
         }
     }
 

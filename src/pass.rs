@@ -184,7 +184,8 @@ impl Pass {
         let current = self.profile.current_target(&self.store)?;
         let state = self.state.load(&self.profile.name);
         let known = unchanged_build(&state, current.as_ref(), &self.hydra.source());
-        let build = match self.hydra.latest(known).failed_as(FailureKind::Hydra)? {
+        let (latest, _) = self.hydra.latest(known, state.evaluations.as_ref());
+        let build = match latest.failed_as(FailureKind::Hydra)? {
             Latest::Unchanged(id) => {
                 let path = state
                     .deployed
@@ -325,7 +326,11 @@ impl Pass {
         self.reconcile(state, current.as_ref());
         report::status(&format!("asking Hydra for {}", self.hydra.job()));
         let known = unchanged_build(state, current.as_ref(), &self.hydra.source());
-        let build = match self.hydra.latest(known).failed_as(FailureKind::Hydra)? {
+        let (answer, evaluations) = self.hydra.latest(known, state.evaluations.as_ref());
+        if evaluations.is_some() {
+            state.evaluations = evaluations;
+        }
+        let build = match answer.failed_as(FailureKind::Hydra)? {
             Latest::Unchanged(id) => {
                 *latest = Some(id);
                 let path = state

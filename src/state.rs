@@ -429,6 +429,8 @@ pub struct State {
     pub held: Option<Hold>,
     /// A newer build that is not old enough yet (`--min-build-age`).
     pub waiting: Option<Waiting>,
+    /// What `--wait-for-jobset` judged, so that no evaluation is read twice.
+    pub evaluations: Option<crate::hydra::EvalMemo>,
     /// A rollback under way: saved before the profile is switched back and
     /// cleared when it is done, so that the next pass finishes one that was
     /// interrupted.

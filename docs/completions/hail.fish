@@ -40,7 +40,7 @@ complete -c hail -n "__fish_hail_needs_command" -l keep-generations -d 'After a 
 complete -c hail -n "__fish_hail_needs_command" -l metrics-file -d 'Write Prometheus metrics for this profile here after every pass (atomically; point it into node_exporter\'s textfile directory)' -r -F
 complete -c hail -n "__fish_hail_needs_command" -l poll-period -d 'Not supported: the original\'s polling loop is systemd\'s job now' -r
 complete -c hail -n "__fish_hail_needs_command" -l latest-finished -d 'Only builds from evaluations with no unfinished builds (Hydra\'s latest-finished)'
-complete -c hail -n "__fish_hail_needs_command" -l wait-for-jobset -d 'Only this job\'s build from the newest evaluation in which every build finished successfully (reads up to 3 pages of evaluations and the builds of up to 10)'
+complete -c hail -n "__fish_hail_needs_command" -l wait-for-jobset -d 'Only this job\'s build from the newest evaluation in which every build finished successfully (reads up to 3 pages of evaluations and the builds of up to 10, each evaluation once: while Hydra\'s newest finished evaluation is unchanged, one small request)'
 complete -c hail -n "__fish_hail_needs_command" -l dry-run -d 'Ask Hydra and say what a pass would do now (deploy, or why it would hold, wait or refuse); change nothing'
 complete -c hail -n "__fish_hail_needs_command" -l retry-failed -d 'Deploy Hydra\'s latest build even if its activation failed before (failed builds are otherwise not retried while they are the latest)'
 complete -c hail -n "__fish_hail_needs_command" -l force -d 'Deploy Hydra\'s latest build even if an operator rolled the profile back from it (hail otherwise holds until a newer build appears)'

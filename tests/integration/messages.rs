@@ -74,7 +74,7 @@ fn renamed_jobset_is_a_moved_job_uri_in_every_mode() {
         format!("{origin}/job/hail/main/{JOB}/latest"),
         format!("{origin}/job/hail/main/{JOB}/latest-for/x86_64-linux"),
         format!("{origin}/job/hail/main/{JOB}/latest-finished"),
-        format!("{origin}/jobset/hail/main/evals?page=1"),
+        format!("{origin}/jobset/hail/main/latest-eval"),
     ];
     for (mode, location) in MODES.into_iter().zip(moved_to) {
         let mut cmd = world.hail_with_job(&format!("{origin}/job/hail/old/{JOB}"));

@@ -533,3 +533,70 @@ fn keep_generations_prunes_old_ones() {
     let run = world.pass(&["--keep-generations", "0"]);
     assert_exit(&run, 2);
 }
+
+#[test]
+fn wait_for_jobset_reads_no_evaluation_twice() {
+    let world = World::new();
+    let (_, a) = publish_in_eval(&world, "a", 1);
+    other_job_in_eval(&world, Some(0), 1);
+    publish_in_eval(&world, "b", 2);
+    other_job_in_eval(&world, Some(1), 2);
+    let paths_since = |from: usize| -> Vec<String> {
+        world.hydra.api_requests()[from..]
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
+    };
+
+    // Evaluation 2 has a failed build: deploy a from evaluation 1.
+    let run = world.pass(&["--wait-for-jobset"]);
+    assert_exit(&run, 0);
+    assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
+    let judged = world.hydra.api_requests().len();
+
+    // Nothing new was evaluated: one small request, nothing read again.
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let from = world.hydra.api_requests().len();
+        let mut args = vec!["--wait-for-jobset"];
+        args.extend(extra);
+        let run = world.pass(&args);
+        assert_exit(&run, 0);
+        assert!(
+            run.stderr.contains("up to date") || run.stdout.contains("up to date"),
+            "{run:?}"
+        );
+        assert_eq!(
+            paths_since(from),
+            ["HEAD /jobset/hail/main/latest-eval"],
+            "{extra:?}"
+        );
+    }
+    assert!(judged > 1);
+
+    // A new evaluation: only it is read, not evaluations 1 and 2 again. Its
+    // job is built for two systems: without --system the highest id wins.
+    let (_, c_x86) = publish_in_eval(&world, "c", 3);
+    let c_arm = world.cache.build("c-arm", &recording_activate("c-arm", ""));
+    world.cache.publish(&c_arm);
+    world
+        .hydra
+        .add_build_in(JOB, "aarch64-linux", &c_arm, Some(0), Some(3));
+    other_job_in_eval(&world, Some(0), 3);
+    let from = world.hydra.api_requests().len();
+    let run = world.pass(&["--wait-for-jobset"]);
+    assert_exit(&run, 0);
+    assert_eq!(
+        world.profile_target().as_deref(),
+        Some(c_arm.as_str()),
+        "{run:?}"
+    );
+    assert_ne!(c_arm, c_x86);
+    let read = paths_since(from);
+    assert!(read.contains(&"GET /eval/3/builds".to_owned()), "{read:?}");
+    assert!(
+        !read
+            .iter()
+            .any(|r| r.contains("/eval/1/") || r.contains("/eval/2/")),
+        "{read:?}"
+    );
+}

@@ -455,6 +455,20 @@ fn answer(s: &Shared, request: &Request) -> Vec<u8> {
                 (None, None) => error(json, 404, "There is no successful build to redirect to."),
             }
         }
+        // Hydra's latest-eval: the newest evaluation with no unfinished builds
+        // (failed ones are fine), redirected to whatever the Accept.
+        ["jobset", _, jobset, "latest-eval"] => {
+            let complete = eval_ids(s)
+                .into_iter()
+                .find(|eval| eval_builds(s, *eval).all(|b| b["finished"] == 1));
+            match complete {
+                Some(eval) => redirect(
+                    302,
+                    &format!("{}/eval/{eval}?name={jobset}", location_origin(s, request)),
+                ),
+                None => error(json, 404, "No evaluation found."),
+            }
+        }
         ["jobset", _, _, "evals"] if json => {
             let page: usize = request
                 .path
