@@ -1,18 +1,25 @@
 # NixOS module for hail: pull-based continuous deployment of Nix profiles from Hydra.
 #
 # One instance (`services.hail.instances.<name>`) is one profile kept up to date with
-# one Hydra job. Every instance becomes three systemd units built from two templates:
+# one Hydra job. The units, for an instance `web`:
 #
-#   hail@<name>.service           one pass: ask Hydra for the job's latest build,
-#                                 substitute it, switch the profile, run bin/activate
-#   hail@<name>.timer             runs the pass every `pollPeriod`
-#   hail-activate@<name>.service  at boot, runs the profile's bin/activate again
-#                                 (when `activateAtBoot`)
+#   hail@.service                    the pass, a template: `hail --oneshot` asks Hydra
+#                                    for the job's latest build, substitutes it,
+#                                    switches the profile and runs its bin/activate
+#   hail@web.service.d/…             a drop-in per instance: its profile, job, secrets
+#                                    and extra arguments
+#   hail@web.timer                   a timer per instance (a unit of its own, there is
+#                                    no hail@.timer template): a pass every pollPeriod
+#   hail-activate@.service           the boot-time activation, a template: `hail
+#                                    activate` runs the profile's bin/activate again
+#   hail-activate@web.service.d/…    a drop-in per instance, wanted by multi-user.target
+#                                    when activateAtBoot
+#   hail-removed-instances.service   while any instance is defined, enabled or not:
+#                                    runs bin/deactivate of the profiles of instances
+#                                    that were removed or disabled
 #
-# The module has no `services.hail.enable`: it is active as soon as one instance is
-# enabled. Defining no instance (or only disabled ones) adds one unit only,
-# hail-removed-instances.service, which does nothing on a machine that never had an
-# instance: it is what takes down the profiles of instances that disappeared.
+# There is no `services.hail.enable`: the module does something as soon as an instance
+# is defined, and nothing at all while `services.hail.instances` is empty.
 #
 # Style: no `with lib;`; the same conventions as nixpkgs' system.autoUpgrade module.
 { config, lib, ... }:
@@ -25,6 +32,9 @@ let
   # What hail-removed-instances.service compares with the profiles it remembers.
   currentProfiles = lib.unique (lib.mapAttrsToList (_: instance: instance.profile) enabledInstances);
 
+  # Where hail-removed-instances.service remembers the enabled instances' profiles.
+  instancesList = "${cfg.stateDir}/nixos-instances";
+
   hail = "${cfg.package}/bin/hail";
 
   # On the PATH of every hail unit: nix-env, the same Nix as the system's, and
@@ -36,6 +46,75 @@ let
     config.systemd.package
   ];
 
+  # A path outside the Nix store, as a string: for secrets and for directories hail
+  # writes. A Nix path literal (./netrc) would copy its file into the world-readable
+  # store, so the type refuses one. (types.pathWith is in nixpkgs 25.05 and later.)
+  externalPath = lib.types.pathWith {
+    inStore = false;
+    absolute = true;
+  };
+
+  # Where the profiles and hail's state are, for every unit that runs hail or a
+  # profile's scripts.
+  directoriesEnvironment = {
+    HAIL_PROFILES_DIR = cfg.profilesDir;
+    HAIL_STATE_DIR = cfg.stateDir;
+  };
+
+  # systemd creates a state directory under /var/lib itself (StateDirectory=, which
+  # also orders the unit after the mount it is on); anywhere else systemd-tmpfiles
+  # does, at boot and at every switch.
+  stateDirectoryName =
+    if lib.hasPrefix "/var/lib/" cfg.stateDir then lib.removePrefix "/var/lib/" cfg.stateDir else null;
+  stateDirectoryConfig = lib.optionalAttrs (stateDirectoryName != null) {
+    StateDirectory = stateDirectoryName;
+  };
+
+  # EnvironmentFile= of both drop-ins of an instance: systemd reads it when the unit
+  # starts, so the secrets in it never pass through the store.
+  environmentFileConfig =
+    instance:
+    lib.optionalAttrs (instance.environmentFile != null) {
+      EnvironmentFile = instance.environmentFile;
+    };
+
+  # The sandbox of hail@ and hail-activate@, the same as in systemd/hail@.service. It
+  # confines the pass (hail, nix-env, systemctl, journalctl), not bin/activate: under
+  # systemd hail runs that in a transient unit of its own through systemd-run, which
+  # none of this reaches, so activations may do anything as before. Nor does it
+  # confine a compromised pass, which could ask PID 1 for anything the same way: it
+  # keeps a faulty pass off host and kernel state that no pass needs. Left out:
+  # - ProtectSystem=, ReadOnlyPaths=: nix-env writes the store (remounting NixOS's read-only one) and /nix/var/nix; full/strict trigger automounts such as /boot (systemd#23652).
+  # - ProtectHome=: Nix keeps its binary-cache lookups in /root/.cache/nix.
+  # - RestrictNamespaces=: nix-env, as root, unshares a mount namespace to remount a read-only store writable.
+  # - CapabilityBoundingSet=: that remount needs CAP_SYS_ADMIN, which is nearly all of root's power anyway.
+  # - SystemCallFilter=: would have to follow every Nix release (the remount needs @mount); the settings below block what no pass needs.
+  # - MemoryDenyWriteExecute=: nothing in a pass generates code, and glibc could no longer load an NSS module that wants an executable stack.
+  # - PrivateDevices=: ProtectClock='s implied DeviceAllow= already leaves a pass only the pseudo devices.
+  # - PrivateNetwork=, IPAddressDeny=: a pass talks to Hydra and the binary caches, wherever they are.
+  # - User=, DynamicUser=, PrivateUsers=: a pass switches root's profiles and, with the local store, writes the store.
+  hardening = {
+    NoNewPrivileges = true;
+    PrivateTmp = true;
+    ProtectClock = true;
+    ProtectControlGroups = true;
+    ProtectHostname = true;
+    ProtectKernelLogs = true;
+    ProtectKernelModules = true;
+    ProtectKernelTunables = true;
+    LockPersonality = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    SystemCallArchitectures = "native";
+    # The journal, sd_notify, systemd-run and nix-daemon use AF_UNIX; Hydra and the
+    # caches AF_INET and AF_INET6. (glibc's resolver does without AF_NETLINK.)
+    RestrictAddressFamilies = [
+      "AF_UNIX"
+      "AF_INET"
+      "AF_INET6"
+    ];
+  };
+
   # Quoting for one word of a systemd ExecStart= line. This is what nixpkgs'
   # `utils.escapeSystemdExecArg` does, inlined so the module needs no `utils` argument.
   # `lib.escapeShellArgs` is not enough: systemd does accept a whole word in single
@@ -46,15 +125,20 @@ let
   escapeSystemdExecArg = arg: lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON arg);
   escapeSystemdExecArgs = args: lib.concatMapStringsSep " " escapeSystemdExecArg args;
 
-  # The variables the options below set; `environment` must not set them as well.
-  reservedVariables = [
-    "HAIL_PROFILE"
-    "HAIL_JOB_URI"
-    "HAIL_NETRC_FILE"
-  ];
+  # The variables options set, with the option to use instead (`<name>.` is the
+  # instance's own); an instance's `environment` must not set them as well.
+  reservedVariables = {
+    HAIL_PROFILE = ".profile";
+    HAIL_JOB_URI = ".jobUri";
+    HAIL_NETRC_FILE = ".netrcFile";
+    HAIL_KEEP_GENERATIONS = ".keepGenerations";
+    HAIL_METRICS_FILE = "services.hail.metricsDir";
+    HAIL_PROFILES_DIR = "services.hail.profilesDir";
+    HAIL_STATE_DIR = "services.hail.stateDir";
+  };
 
-  # A profile name, relative to the profiles directory (/nix/var/nix/profiles):
-  # `web` or `hail-profiles/web`. The same rules as hail's own `--profile` check.
+  # A profile name, relative to the profiles directory: `web` or `hail-profiles/web`.
+  # The same rules as hail's own `--profile` check.
   profileNameIsValid =
     profile:
     builtins.match "[A-Za-z0-9._+/-]+" profile != null
@@ -62,6 +146,10 @@ let
     && lib.all (component: component != "" && component != "." && component != "..") (
       lib.splitString "/" profile
     );
+
+  # profilesDir and stateDir: absolute, made of the same safe characters, so that they
+  # need no quoting in unit files, tmpfiles rules or the removal script.
+  directoryIsValid = dir: lib.hasPrefix "/" dir && profileNameIsValid (lib.removePrefix "/" dir);
 
   # https?://HOST[:PORT][/PREFIX]/job/PROJECT/JOBSET/JOB[/]. No user:password@ (that
   # goes into netrcFile), no query, no fragment, and not the `…/latest` URL: hail
@@ -86,7 +174,15 @@ let
     name: instance:
     let
       option = "services.hail.instances.${lib.strings.escapeNixIdentifier name}";
-      clashing = lib.filter (variable: lib.hasAttr variable instance.environment) reservedVariables;
+      clashing = lib.filter (variable: lib.hasAttr variable instance.environment) (
+        lib.attrNames reservedVariables
+      );
+      instead =
+        variable:
+        let
+          replacement = reservedVariables.${variable};
+        in
+        if lib.hasPrefix "." replacement then option + replacement else replacement;
     in
     [
       {
@@ -101,7 +197,7 @@ let
         assertion = profileNameIsValid instance.profile;
         message = ''
           ${option}.profile = "${instance.profile}" is not a valid profile name. Use a path
-          relative to the profiles directory /nix/var/nix/profiles, made of letters, digits
+          relative to the profiles directory ${cfg.profilesDir}, made of letters, digits
           and "._+-", with "/" only between non-empty components other than "." and "..",
           for example "web" or "hail-profiles/web".
         '';
@@ -119,8 +215,8 @@ let
       {
         assertion = clashing == [ ];
         message = ''
-          ${option}.environment sets ${lib.concatStringsSep ", " clashing}, which the
-          instance's own options set. Use ${option}.profile, .jobUri and .netrcFile instead.
+          ${option}.environment sets ${lib.concatStringsSep ", " clashing}, which options
+          set: use ${lib.concatMapStringsSep ", " instead clashing} instead.
         '';
       }
     ];
@@ -133,11 +229,19 @@ let
           default = true;
           example = false;
           description = ''
-            Whether to keep this instance's profile deployed. A disabled instance
-            generates no units at all and is not validated. Disabling an instance, like
-            removing it, takes down what its profile set up: the switch runs the
-            profile's `bin/deactivate` (see `hail-removed-instances.service`). The
-            profile itself and its generations stay.
+            Whether to keep this instance's profile deployed. A disabled instance has
+            no timer, no pass and no boot-time activation, and its other options are
+            not checked.
+
+            Disabling an instance is how to take it down: the switch that disables it
+            runs its profile's `bin/deactivate` (through
+            `hail-removed-instances.service`), which stops what the profile's
+            `bin/activate` set up. The profile itself and its generations stay. Once
+            that switch is done, the instance can be removed from
+            {option}`services.hail.instances`. Removing an instance outright works
+            the same as long as other instances remain; removing the last one
+            outright leaves its profile up, because nothing of hail's is left in the
+            system to take it down (see {option}`services.hail.instances`).
           '';
         };
 
@@ -147,12 +251,12 @@ let
           defaultText = lib.literalMD "the instance's name, `<name>`";
           example = "hail-profiles/web";
           description = ''
-            The Nix profile this instance deploys to, relative to the profiles
-            directory `/nix/var/nix/profiles`: `"web"` means
-            `/nix/var/nix/profiles/web`, with its generations
-            `/nix/var/nix/profiles/web-<N>-link`. It may contain `/` to keep hail's
-            profiles in a subdirectory (`"hail-profiles/web"`). Two enabled
-            instances cannot deploy the same profile.
+            The Nix profile this instance deploys to, relative to
+            {option}`services.hail.profilesDir` (`/nix/var/nix/profiles` by
+            default): `"web"` means `/nix/var/nix/profiles/web`, with its
+            generations `/nix/var/nix/profiles/web-<N>-link`. It may contain `/` to
+            keep hail's profiles in a subdirectory (`"hail-profiles/web"`). Two
+            enabled instances cannot deploy the same profile.
 
             The profile is an ordinary `nix-env` profile: `nix-env -p
             /nix/var/nix/profiles/web --list-generations` shows what hail deployed,
@@ -177,15 +281,7 @@ let
         };
 
         netrcFile = lib.mkOption {
-          # pathWith { inStore = false; }: a string path outside the store. A Nix path
-          # literal (./netrc) would copy the credentials into the world-readable store,
-          # so the type refuses one. (types.pathWith is in nixpkgs 25.05 and later.)
-          type = lib.types.nullOr (
-            lib.types.pathWith {
-              inStore = false;
-              absolute = true;
-            }
-          );
+          type = lib.types.nullOr externalPath;
           default = null;
           example = "/run/secrets/hydra-netrc";
           description = ''
@@ -198,6 +294,35 @@ let
             Nix reads its own netrc for the binary cache: set
             {option}`nix.settings.netrc-file` too when the cache needs the same
             credentials.
+          '';
+        };
+
+        environmentFile = lib.mkOption {
+          type = lib.types.nullOr externalPath;
+          default = null;
+          example = "/run/secrets/hail-web.env";
+          description = ''
+            A file of environment variables for this instance's pass and boot-time
+            activation, in the format of systemd's `EnvironmentFile=` (see
+            {manpage}`systemd.exec(5)`): one `NAME=value` per line. It is for
+            secrets, which {option}`services.hail.instances.<name>.environment` would
+            put into the world-readable
+            Nix store: for example `NIX_CONFIG=access-tokens = github.com=…`, or
+            `AWS_ACCESS_KEY_ID=…` and `AWS_SECRET_ACCESS_KEY=…` for a binary cache in
+            S3. Give a path outside the store, such as a file managed by sops-nix or
+            agenix; `null` (the default) reads none.
+
+            systemd reads it, as root, every time `hail@<name>.service` or
+            `hail-activate@<name>.service` starts (it becomes `EnvironmentFile=` of
+            both drop-ins): a change takes effect at the next pass, and a missing file
+            fails the unit. Its variables win over
+            {option}`services.hail.instances.<name>.environment` and over those the
+            other options set.
+
+            Caveat: hail hands its whole environment, these variables included, to
+            the transient unit that runs the profile's `bin/activate`, where any
+            local user can read it (`systemctl show -p Environment`) while the
+            activation runs.
           '';
         };
 
@@ -290,10 +415,12 @@ let
           };
           description = ''
             Extra environment variables for the pass (and for the boot-time activation),
-            for example `HAIL_TIMEOUT` or `NIX_CONFIG`. `HAIL_PROFILE`, `HAIL_JOB_URI`
-            and `HAIL_NETRC_FILE` come from the options above and cannot be set here.
-            The values end up in the world-readable unit files in the Nix store: no
-            secrets.
+            for example `HAIL_TIMEOUT` or `NIX_CONFIG`. Variables that options set
+            (`HAIL_PROFILE`, `HAIL_JOB_URI`, `HAIL_NETRC_FILE`,
+            `HAIL_KEEP_GENERATIONS`, `HAIL_METRICS_FILE`, `HAIL_PROFILES_DIR`,
+            `HAIL_STATE_DIR`) cannot be set here. The values end up in the
+            world-readable unit files in the Nix store: put secrets into
+            {option}`services.hail.instances.<name>.environmentFile` instead.
 
             hail bounds every step of a pass itself: `HAIL_LOCK_TIMEOUT` (waiting for
             another pass, default 1800 s), `HAIL_TIMEOUT` (each Hydra exchange, 60 s),
@@ -333,18 +460,60 @@ in
       '';
     };
 
+    profilesDir = lib.mkOption {
+      type = externalPath;
+      default = "/nix/var/nix/profiles";
+      example = "/nix/var/nix/profiles/hail";
+      description = ''
+        The directory the instances' profiles live in: the profile of an instance
+        is `<profilesDir>/<profile>` (see
+        {option}`services.hail.instances.<name>.profile`). It becomes
+        `HAIL_PROFILES_DIR` of every hail unit, and
+        `hail-removed-instances.service` looks there for the `bin/deactivate` of
+        removed instances' profiles. An absolute path of letters, digits and
+        `._+-/`, outside the Nix store.
+
+        Changing it does not move profiles that already exist: their instances
+        deploy into a new, empty profile at the next pass, and what the old one set
+        up is not taken down. Nix keeps a profile's generations alive (as garbage
+        collector roots) wherever the profile is.
+      '';
+    };
+
+    stateDir = lib.mkOption {
+      type = externalPath;
+      default = "/var/lib/hail";
+      example = "/srv/hail";
+      description = ''
+        Where hail keeps its state: per-profile state files (`<profile>.json`, what
+        `hail status` shows), the locks that keep passes of one profile apart, and
+        the list of instances `hail-removed-instances.service` compares with. It
+        becomes `HAIL_STATE_DIR` of every hail unit. A directory under `/var/lib`
+        is created by systemd as the units' `StateDirectory=`; any other by
+        systemd-tmpfiles (mode 0755, owned by root). An absolute path of letters,
+        digits and `._+-/`, outside the Nix store.
+
+        `hail status` run by hand reads `/var/lib/hail` unless told otherwise:
+        with another directory, run `hail status --state-dir <stateDir>` (or set
+        `HAIL_STATE_DIR`). Changing it does not move the state: hail starts afresh
+        in the new directory, forgetting the builds whose activation failed (it
+        tries them again) and any rollback by hand it was holding off for.
+      '';
+    };
+
     metricsDir = lib.mkOption {
-      type = lib.types.nullOr lib.types.path;
+      type = lib.types.nullOr externalPath;
       default = null;
       example = "/var/lib/prometheus-node-exporter-text-files";
       description = ''
         Where each pass writes Prometheus metrics for its instance, as
         `hail-<name>.prom` (atomically): point it at node_exporter's textfile
         collector directory (`services.prometheus.exporters.node.extraFlags =
-        [ "--collector.textfile.directory=…" ]`). The series (`hail_up_to_date`,
-        `hail_last_success_timestamp_seconds`, `hail_deployed_build_id`,
-        `hail_rollbacks_total`, `hail_errors_total{kind=…}`, …) are listed in hail's
-        README. `null` writes none.
+        [ "--collector.textfile.directory=…" ]`). The directory must exist. The
+        series (`hail_up_to_date`, `hail_last_success_timestamp_seconds`,
+        `hail_deployed_build_id`, `hail_rollbacks_total`,
+        `hail_errors_total{kind=…}`, …) are listed in hail's documentation.
+        `null` (the default) writes none.
       '';
     };
 
@@ -358,284 +527,310 @@ in
             profile = "hail-profiles/db";
             jobUri = "https://hydra.example.org/job/infra/main/db";
             netrcFile = "/run/secrets/hydra-netrc";
+            environmentFile = "/run/secrets/hail-db.env";
             pollPeriod = "1h";
             activateAtBoot = false;
           };
         }
       '';
       description = ''
-        The profiles to keep deployed, one Hydra job each. The instance's name is the
-        systemd instance: `hail@<name>.timer` polls every {option}`pollPeriod` and
-        starts `hail@<name>.service`, one pass of `hail --oneshot`, which deploys the
-        job's newest successful build into the profile and runs its `bin/activate`;
-        `hail-activate@<name>.service` runs `bin/activate` again at boot.
+        The profiles to keep deployed, one Hydra job each; empty by default, and
+        then the module adds nothing to the system. The instance's name is the
+        systemd instance: `hail@<name>.timer` starts `hail@<name>.service` every
+        {option}`services.hail.instances.<name>.pollPeriod`, one pass of
+        `hail --oneshot`, which deploys the job's newest successful build into the
+        profile and runs its `bin/activate`; `hail-activate@<name>.service` runs
+        `bin/activate` again at boot. Both are drop-ins for the templates
+        `hail@.service` and `hail-activate@.service`, which run sandboxed (the
+        profile's `bin/activate` runs in a transient unit of its own,
+        `hail-activation-<profile>.service`, outside that sandbox).
 
         Run a pass now with `systemctl start hail@<name>`; its log is in
         `journalctl -u hail@<name>`. A NixOS switch never interrupts a running pass.
-        Defining at least one enabled instance is what enables the module.
+
+        While any instance is defined, enabled or not,
+        `hail-removed-instances.service` remembers the enabled instances' profiles
+        (in `<stateDir>/nixos-instances`); at every switch and boot it runs
+        `bin/deactivate` of each remembered profile whose instance is no longer
+        enabled. To take an instance down, disable it
+        ({option}`services.hail.instances.<name>.enable` = `false`), switch, then
+        remove it. Removing the last instance outright leaves its profile up, as
+        that switch removes the unit as well; its `bin/deactivate` then runs only
+        if instances are defined again later.
       '';
     };
   };
 
-  config = lib.mkMerge [
-  {
-    # Instances that disappear (removed, or disabled): their timers and boot units go
-    # with the configuration, and this takes down what their profiles set up. It
-    # remembers the enabled instances' profiles in /var/lib/hail/nixos-instances; its
-    # script embeds the current list, so a switch that changes the list restarts it,
-    # and it runs `/nix/var/nix/profiles/PROFILE/bin/deactivate` for every profile
-    # that was on the remembered list and is not on the current one. A deactivate
-    # that fails is reported (the unit fails) and retried at the next switch or boot.
-    # It stays in the system when the last instance goes, so that the last one is
-    # taken down too; it does nothing on a machine that never had an instance.
-    systemd.services.hail-removed-instances = {
-      description = "hail: take down the profiles of removed instances";
-      documentation = [ "https://github.com/hail-cd/hail" ];
-      wantedBy = [ "multi-user.target" ];
-      # The switch does not stop a pass that is running (X-StopOnRemoval=false on
-      # hail@), and this does not wait for one: a pass of a removed instance that
-      # ends after this ran may activate its profile once more (rare; run the
-      # profile's bin/deactivate by hand then).
-      after = [ "local-fs.target" ];
-      # deactivate scripts run systemctl (a service profile's `hail service deactivate`).
-      path = [ config.systemd.package ];
-      unitConfig.ConditionPathExists = lib.mkIf (enabledInstances == { }) "/var/lib/hail/nixos-instances";
-      serviceConfig = {
-        Type = "oneshot";
-        RemainAfterExit = true;
-        StateDirectory = "hail";
-        UMask = "0022";
-      };
-      script = ''
-        list=/var/lib/hail/nixos-instances
-        current=${lib.escapeShellArg (lib.concatMapStrings (profile: profile + "\n") currentProfiles)}
-        keep=
-        failed=0
-        if [ -f "$list" ]; then
-          while IFS= read -r profile; do
-            [ -n "$profile" ] || continue
-            if printf '%s' "$current" | grep -qxF -- "$profile"; then continue; fi
-            deactivate=/nix/var/nix/profiles/$profile/bin/deactivate
-            if [ ! -e "$deactivate" ]; then
-              echo "profile $profile was removed; it has no bin/deactivate"
-              continue
-            fi
-            echo "profile $profile was removed; running $deactivate"
-            if ! "$deactivate" </dev/null; then
-              echo "$deactivate failed; trying again at the next switch or boot" >&2
-              keep="$keep$profile
-        "
-              failed=1
-            fi
-          done < "$list"
-        fi
-        if [ -z "$current$keep" ]; then
-          rm -f "$list"
-        else
-          printf '%s%s' "$current" "$keep" > "$list.tmp"
-          mv -f "$list.tmp" "$list"
-        fi
-        exit "$failed"
-      '';
-    };
-  }
-  (lib.mkIf (enabledInstances != { }) {
-    assertions =
-      lib.concatLists (lib.mapAttrsToList instanceAssertions enabledInstances)
-      ++ lib.mapAttrsToList (profile: names: {
-        assertion = false;
-        message = ''
-          services.hail.instances.{${lib.concatStringsSep ", " names}} all deploy the profile
-          "${profile}". Two instances would fight over it: give each its own
-          services.hail.instances.<name>.profile, or disable all but one.
-        '';
-      }) profilesUsedTwice;
-
-    systemd.services = lib.mkMerge [
+  config = lib.mkIf (cfg.instances != { }) (
+    lib.mkMerge [
       {
-        # The pass template. Instances only add a drop-in (below); the template alone,
-        # started as hail@foo, deploys profile "foo" if the environment provides
-        # HAIL_JOB_URI (it does not: instances are the supported way).
-        "hail@" = {
-          description = "hail: deploy Nix profile %i from Hydra";
+        assertions = [
+          {
+            assertion = directoryIsValid cfg.profilesDir;
+            message = ''
+              services.hail.profilesDir = "${cfg.profilesDir}" is not a usable directory.
+              Use an absolute path made of letters, digits and "._+-", with "/" only
+              between non-empty components other than "." and ".." (no "/" at the end),
+              for example "/nix/var/nix/profiles/hail".
+            '';
+          }
+          {
+            assertion = directoryIsValid cfg.stateDir;
+            message = ''
+              services.hail.stateDir = "${cfg.stateDir}" is not a usable directory. Use
+              an absolute path made of letters, digits and "._+-", with "/" only between
+              non-empty components other than "." and ".." (no "/" at the end), for
+              example "/var/lib/hail".
+            '';
+          }
+        ];
+
+        systemd.tmpfiles.rules = lib.mkIf (stateDirectoryName == null) [
+          "d ${cfg.stateDir} 0755 root root -"
+        ];
+
+        # Takes down instances that were removed or disabled: their timers and boot
+        # units go with the configuration, and this runs their profiles'
+        # bin/deactivate. It remembers the enabled instances' profiles in
+        # <stateDir>/nixos-instances; its script embeds the current list, so a switch
+        # that changes the list restarts it, and it runs
+        # <profilesDir>/PROFILE/bin/deactivate for every profile that was on the
+        # remembered list and is not on the current one. A deactivate that fails is
+        # reported (the unit fails) and retried at the next switch or boot. It
+        # exists while any instance is defined, disabled ones included: disabling
+        # the last instance takes it down, removing it outright cannot (the
+        # `instances` option's description says so).
+        systemd.services.hail-removed-instances = {
+          description = "hail: take down the profiles of removed instances";
           documentation = [ "https://github.com/hail-cd/hail" ];
-          wants = [ "network-online.target" ];
-          after = [ "network-online.target" ];
-
-          # nix-env, the same Nix as the system's; systemd-run and journalctl, with
-          # which hail runs bin/activate in a transient unit of its own (NixOS puts
-          # systemd on every service's path anyway; hail depends on it, so say so).
-          path = hailPath;
-
-          # Overridden by every instance's drop-in; %i is the instance name as
-          # typed (%I would unescape "my-web" into "my/web").
-          environment.HAIL_PROFILE = "%i";
-
-          # A NixOS switch must never restart (= kill) a running pass: the pass may be
-          # in the middle of switching the profile or running bin/activate, and the
-          # switch itself may be what bin/activate runs. The next timer run picks up the
-          # new unit. Same reasoning as system.autoUpgrade's nixos-upgrade.service.
-          restartIfChanged = false;
-          # ...and removing an instance does not stop a pass that is running.
-          unitConfig.X-StopOnRemoval = false;
-
-          serviceConfig = {
-            Type = "oneshot";
-            # Nothing else here: instances replace ExecStart= to add extraArgs.
-            ExecStart = "${hail} --oneshot";
-            # `systemctl stop` ends a pass with SIGTERM: the operator's choice, not a
-            # failure (an activation under way goes on in its own transient unit).
-            SuccessExitStatus = "SIGTERM";
-            # hail reports its step with sd_notify(STATUS=...) for `systemctl status`;
-            # a oneshot unit ignores notifications unless allowed.
-            NotifyAccess = "main";
-            # /var/lib/hail, exported as $STATE_DIRECTORY, hail's default state dir.
-            StateDirectory = "hail";
-            # A backstop above hail's own deadlines, which bound every step of a
-            # pass. At the defaults the worst case is about 3 h: the lock wait
-            # (HAIL_LOCK_TIMEOUT, 30 min), Hydra exchanges (HAIL_TIMEOUT, 1 min each),
-            # three nix-env calls (HAIL_NIX_TIMEOUT, 30 min each: the switch, and on
-            # a rollback the switch back and the deletion) and two activations
-            # (HAIL_ACTIVATE_TIMEOUT, 10 min each). Raise it with them.
-            TimeoutStartSec = lib.mkDefault "4h";
-
-            # Hardening: none beyond a plain umask, on purpose. What hail@ may do by
-            # design is run arbitrary code as root: it switches root-owned profiles
-            # (nix-env writes /nix/var/nix and, as root with the local store, the store
-            # itself, remounting it writable in a mount namespace of its own) and it asks
-            # PID 1, through systemd-run, to run the profile's bin/activate in a
-            # transient unit (hail-activation-<profile>.service) that none of this
-            # unit's settings reach. A sandbox around the pass therefore protects
-            # nothing an attacker controlling the pass could not undo through
-            # systemd-run or a profile, while each setting risks breaking the pass
-            # itself or the fallback where bin/activate runs as a direct child (no
-            # systemd-run on PATH), where it would confine the activation:
-            # - ProtectSystem=, ReadOnlyPaths=, RestrictNamespaces=: nix-env's store
-            #   remount and its writes to /nix/var/nix; activations write /etc, /var...
-            # - ProtectHome=: Nix keeps its narinfo cache in root's ~/.cache/nix.
-            # - PrivateTmp=: a fallback activation may leave files in /tmp for others.
-            # - NoNewPrivileges=, RestrictSUIDSGID=, CapabilityBoundingSet=: break
-            #   fallback activations that use sudo, setuid wrappers or setcap.
-            # - PrivateDevices=, ProtectKernel*=, ProtectControlGroups=, ProtectClock=,
-            #   ProtectHostname=, MemoryDenyWriteExecute=, SystemCallFilter=: the same,
-            #   for activations that touch devices, modules, sysctls, cgroups, the clock
-            #   or the hostname, or run JIT runtimes.
-            # - PrivateNetwork=, IPAddressDeny=: the pass talks to Hydra and the caches.
-            # The trust boundary is elsewhere: who may publish to the Hydra job, and
-            # the cache's signing key in nix.settings.trusted-public-keys.
-            UMask = "0022";
-          };
-        };
-
-        # Boot-time activation template: runs PROFILE/bin/activate when the profile
-        # exists, succeeds doing nothing otherwise.
-        "hail-activate@" = {
-          description = "hail: activate deployed Nix profile %i at boot";
-          documentation = [ "https://github.com/hail-cd/hail" ];
-          after = [
-            "local-fs.target"
-            "nix-daemon.socket"
-          ];
-          # A pass of the same instance started at boot waits for the activation.
-          before = [ "hail@%i.service" ];
-          path = hailPath;
-          environment.HAIL_PROFILE = "%i";
-          # A switch must not re-run activations (the unit stays active after boot).
-          restartIfChanged = false;
-          serviceConfig = {
+          wantedBy = [ "multi-user.target" ];
+          # The switch does not stop a pass that is running (X-StopOnRemoval=false on
+          # hail@), and this does not wait for one: a pass of a removed instance that
+          # ends after this ran may activate its profile once more (rare; run the
+          # profile's bin/deactivate by hand then).
+          after = [ "local-fs.target" ];
+          # deactivate scripts run systemctl (a service profile's `hail service
+          # deactivate`), and a manager profile's finds its instances' profiles in
+          # HAIL_PROFILES_DIR.
+          path = [ config.systemd.package ];
+          environment = directoriesEnvironment;
+          # No sandbox: it runs the profiles' bin/deactivate itself, and those may do
+          # anything an activation does.
+          serviceConfig = stateDirectoryConfig // {
             Type = "oneshot";
             RemainAfterExit = true;
-            ExecStart = "${hail} activate";
-            # Above hail's own deadlines: the lock wait and activate.
-            TimeoutStartSec = lib.mkDefault "1h";
-            NotifyAccess = "main";
-            StateDirectory = "hail";
             UMask = "0022";
-            # No sandboxing, for the same reasons as hail@ above.
           };
+          script = ''
+            list=${lib.escapeShellArg instancesList}
+            current=${lib.escapeShellArg (lib.concatMapStrings (profile: profile + "\n") currentProfiles)}
+            keep=
+            failed=0
+            if [ -f "$list" ]; then
+              while IFS= read -r profile; do
+                [ -n "$profile" ] || continue
+                if printf '%s' "$current" | grep -qxF -- "$profile"; then continue; fi
+                deactivate=${lib.escapeShellArg cfg.profilesDir}/$profile/bin/deactivate
+                if [ ! -e "$deactivate" ]; then
+                  echo "profile $profile was removed; it has no bin/deactivate"
+                  continue
+                fi
+                echo "profile $profile was removed; running $deactivate"
+                if ! "$deactivate" </dev/null; then
+                  echo "$deactivate failed; trying again at the next switch or boot" >&2
+                  keep="$keep$profile
+            "
+                  failed=1
+                fi
+              done < "$list"
+            fi
+            if [ -z "$current$keep" ]; then
+              rm -f "$list"
+            else
+              printf '%s%s' "$current" "$keep" > "$list.tmp"
+              mv -f "$list.tmp" "$list"
+            fi
+            exit "$failed"
+          '';
         };
       }
+      (lib.mkIf (enabledInstances != { }) {
+        assertions =
+          lib.concatLists (lib.mapAttrsToList instanceAssertions enabledInstances)
+          ++ lib.mapAttrsToList (profile: names: {
+            assertion = false;
+            message = ''
+              services.hail.instances.{${lib.concatStringsSep ", " names}} all deploy the profile
+              "${profile}". Two instances would fight over it: give each its own
+              services.hail.instances.<name>.profile, or disable all but one.
+            '';
+          }) profilesUsedTwice;
 
-      (lib.mapAttrs' (
-        name: instance:
-        lib.nameValuePair "hail@${name}" {
-          # A drop-in (hail@<name>.service.d/overrides.conf) for the template, not a
-          # unit file of its own.
-          overrideStrategy = "asDropin";
-          # NixOS writes a PATH= line into every service it generates, drop-ins too,
-          # made from the unit's `path` plus coreutils & co. Without this the drop-in's
-          # PATH would replace the template's and lose nix-env.
-          path = hailPath;
-          restartIfChanged = false;
-          environment = {
-            HAIL_PROFILE = instance.profile;
-            HAIL_JOB_URI = instance.jobUri;
-          }
-          // lib.optionalAttrs (instance.netrcFile != null) {
-            HAIL_NETRC_FILE = toString instance.netrcFile;
-          }
-          // lib.optionalAttrs (instance.keepGenerations != null) {
-            HAIL_KEEP_GENERATIONS = toString instance.keepGenerations;
-          }
-          // lib.optionalAttrs (cfg.metricsDir != null) {
-            HAIL_METRICS_FILE = "${toString cfg.metricsDir}/hail-${name}.prom";
-          }
-          // instance.environment;
-          onFailure = instance.onFailure;
-          # ExecStart= accumulates in drop-ins of oneshot units: "" resets the
-          # template's line, then the one command follows.
-          serviceConfig = lib.mkIf (instance.extraArgs != [ ]) {
-            ExecStart = [
-              ""
-              "${hail} --oneshot ${escapeSystemdExecArgs instance.extraArgs}"
-            ];
-          };
-        }
-      ) enabledInstances)
+        systemd.services = lib.mkMerge [
+          {
+            # The pass template. Instances only add a drop-in (below); the template
+            # alone, started as hail@foo, deploys profile "foo" if the environment
+            # provides HAIL_JOB_URI (it does not: instances are the supported way).
+            "hail@" = {
+              description = "hail: deploy Nix profile %i from Hydra";
+              documentation = [ "https://github.com/hail-cd/hail" ];
+              wants = [ "network-online.target" ];
+              after = [ "network-online.target" ];
 
-      # Every instance gets the drop-in, so that `systemctl start hail-activate@<name>`
-      # activates the right profile; only activateAtBoot makes boot start it.
-      (lib.mapAttrs' (
-        name: instance:
-        lib.nameValuePair "hail-activate@${name}" {
-          overrideStrategy = "asDropin";
-          path = hailPath;
-          restartIfChanged = false;
-          # The same profile and job as hail@<name>: hail activate refuses a profile
-          # deployed from another job, and records a failure for the passes to retry.
-          environment = {
-            HAIL_PROFILE = instance.profile;
-            HAIL_JOB_URI = instance.jobUri;
-          }
-          // instance.environment;
-          wantedBy = lib.optional instance.activateAtBoot "multi-user.target";
-        }
-      ) enabledInstances)
-    ];
+              # nix-env, the same Nix as the system's; systemd-run and journalctl, with
+              # which hail runs bin/activate in a transient unit of its own (NixOS puts
+              # systemd on every service's path anyway; hail depends on it, so say so).
+              path = hailPath;
 
-    # Full timer units (there is no hail@.timer template on NixOS); hail@<name>.timer
-    # starts hail@<name>.service by name.
-    systemd.timers = lib.mapAttrs' (
-      name: instance:
-      lib.nameValuePair "hail@${name}" {
-        description = "hail: poll Hydra for Nix profile ${instance.profile}";
-        documentation = [ "https://github.com/hail-cd/hail" ];
-        wantedBy = [ "timers.target" ];
-        timerConfig = {
-          # First pass one minute after boot; a timer started later (by the switch
-          # that adds the instance) that never ran fires at once.
-          OnBootSec = "1min";
-          # Then pollPeriod after the previous pass finished, so passes never overlap
-          # and a slow pass pushes the next one back.
-          OnUnitInactiveSec = instance.pollPeriod;
-          RandomizedDelaySec = instance.randomizedDelay;
-          # Only affects OnCalendar= (which a user may add): a calendar expiry missed
-          # while the machine was off runs at boot. Harmless for the monotonic
-          # settings above.
-          Persistent = true;
-        };
-      }
-    ) enabledInstances;
-  })
-  ];
+              # HAIL_PROFILE is overridden by every instance's drop-in; %i is the
+              # instance name as typed (%I would unescape "my-web" into "my/web").
+              environment = directoriesEnvironment // {
+                HAIL_PROFILE = "%i";
+              };
+
+              # A NixOS switch must never restart (= kill) a running pass: the pass may
+              # be in the middle of switching the profile or running bin/activate, and
+              # the switch itself may be what bin/activate runs. The next timer run
+              # picks up the new unit. Same reasoning as system.autoUpgrade's
+              # nixos-upgrade.service.
+              restartIfChanged = false;
+              # ...and removing an instance does not stop a pass that is running.
+              unitConfig.X-StopOnRemoval = false;
+
+              serviceConfig = hardening // stateDirectoryConfig // {
+                Type = "oneshot";
+                # Nothing else here: instances replace ExecStart= to add extraArgs.
+                ExecStart = "${hail} --oneshot";
+                # `systemctl stop` ends a pass with SIGTERM: the operator's choice, not
+                # a failure (an activation under way goes on in its own transient unit).
+                SuccessExitStatus = "SIGTERM";
+                # hail reports its step with sd_notify(STATUS=...) for `systemctl
+                # status`; a oneshot unit ignores notifications unless allowed.
+                NotifyAccess = "main";
+                # A backstop above hail's own deadlines, which bound every step of a
+                # pass. At the defaults the worst case is about 3 h: the lock wait
+                # (HAIL_LOCK_TIMEOUT, 30 min), Hydra exchanges (HAIL_TIMEOUT, 1 min
+                # each), three nix-env calls (HAIL_NIX_TIMEOUT, 30 min each: the switch,
+                # and on a rollback the switch back and the deletion) and two
+                # activations (HAIL_ACTIVATE_TIMEOUT, 10 min each). Raise it with them.
+                TimeoutStartSec = lib.mkDefault "4h";
+                UMask = "0022";
+              };
+            };
+
+            # Boot-time activation template: runs PROFILE/bin/activate when the profile
+            # exists, succeeds doing nothing otherwise.
+            "hail-activate@" = {
+              description = "hail: activate deployed Nix profile %i at boot";
+              documentation = [ "https://github.com/hail-cd/hail" ];
+              after = [
+                "local-fs.target"
+                "nix-daemon.socket"
+              ];
+              # A pass of the same instance started at boot waits for the activation.
+              before = [ "hail@%i.service" ];
+              path = hailPath;
+              environment = directoriesEnvironment // {
+                HAIL_PROFILE = "%i";
+              };
+              # A switch must not re-run activations (the unit stays active after boot).
+              restartIfChanged = false;
+              serviceConfig = hardening // stateDirectoryConfig // {
+                Type = "oneshot";
+                RemainAfterExit = true;
+                ExecStart = "${hail} activate";
+                # Above hail's own deadlines: the lock wait and activate.
+                TimeoutStartSec = lib.mkDefault "1h";
+                NotifyAccess = "main";
+                UMask = "0022";
+              };
+            };
+          }
+
+          (lib.mapAttrs' (
+            name: instance:
+            lib.nameValuePair "hail@${name}" {
+              # A drop-in (hail@<name>.service.d/overrides.conf) for the template, not a
+              # unit file of its own.
+              overrideStrategy = "asDropin";
+              # NixOS writes a PATH= line into every service it generates, drop-ins
+              # too, made from the unit's `path` plus coreutils & co. Without this the
+              # drop-in's PATH would replace the template's and lose nix-env.
+              path = hailPath;
+              restartIfChanged = false;
+              environment = {
+                HAIL_PROFILE = instance.profile;
+                HAIL_JOB_URI = instance.jobUri;
+              }
+              // lib.optionalAttrs (instance.netrcFile != null) {
+                HAIL_NETRC_FILE = instance.netrcFile;
+              }
+              // lib.optionalAttrs (instance.keepGenerations != null) {
+                HAIL_KEEP_GENERATIONS = toString instance.keepGenerations;
+              }
+              // lib.optionalAttrs (cfg.metricsDir != null) {
+                HAIL_METRICS_FILE = "${cfg.metricsDir}/hail-${name}.prom";
+              }
+              // instance.environment;
+              onFailure = instance.onFailure;
+              serviceConfig =
+                # ExecStart= accumulates in drop-ins of oneshot units: "" resets the
+                # template's line, then the one command follows.
+                lib.optionalAttrs (instance.extraArgs != [ ]) {
+                  ExecStart = [
+                    ""
+                    "${hail} --oneshot ${escapeSystemdExecArgs instance.extraArgs}"
+                  ];
+                }
+                // environmentFileConfig instance;
+            }
+          ) enabledInstances)
+
+          # Every instance gets the drop-in, so that `systemctl start hail-activate@<name>`
+          # activates the right profile; only activateAtBoot makes boot start it.
+          (lib.mapAttrs' (
+            name: instance:
+            lib.nameValuePair "hail-activate@${name}" {
+              overrideStrategy = "asDropin";
+              path = hailPath;
+              restartIfChanged = false;
+              # The same profile and job as hail@<name>: hail activate refuses a profile
+              # deployed from another job, and records a failure for the passes to retry.
+              environment = {
+                HAIL_PROFILE = instance.profile;
+                HAIL_JOB_URI = instance.jobUri;
+              }
+              // instance.environment;
+              serviceConfig = environmentFileConfig instance;
+              wantedBy = lib.optional instance.activateAtBoot "multi-user.target";
+            }
+          ) enabledInstances)
+        ];
+
+        # Full timer units (there is no hail@.timer template on NixOS); hail@<name>.timer
+        # starts hail@<name>.service by name.
+        systemd.timers = lib.mapAttrs' (
+          name: instance:
+          lib.nameValuePair "hail@${name}" {
+            description = "hail: poll Hydra for Nix profile ${instance.profile}";
+            documentation = [ "https://github.com/hail-cd/hail" ];
+            wantedBy = [ "timers.target" ];
+            timerConfig = {
+              # First pass one minute after boot; a timer started later (by the switch
+              # that adds the instance) that never ran fires at once.
+              OnBootSec = "1min";
+              # Then pollPeriod after the previous pass finished, so passes never
+              # overlap and a slow pass pushes the next one back.
+              OnUnitInactiveSec = instance.pollPeriod;
+              RandomizedDelaySec = instance.randomizedDelay;
+              # Only affects OnCalendar= (which a user may add): a calendar expiry
+              # missed while the machine was off runs at boot. Harmless for the
+              # monotonic settings above.
+              Persistent = true;
+            };
+          }
+        ) enabledInstances;
+      })
+    ]
+  );
 }

@@ -2,7 +2,8 @@
 # packages: only nixpkgs' `lib` (lib.evalModules and the option types).
 #
 # The module is evaluated together with small stand-ins for the NixOS options it uses
-# (systemd.services, systemd.timers, systemd.package, assertions, nix.package), typed like
+# (systemd.services, systemd.timers, systemd.tmpfiles.rules, systemd.package, assertions,
+# nix.package), typed like
 # NixOS's own so that a misspelt option or a wrong type fails here too, for
 # configurations whose outcome is known. Run it with
 #
@@ -11,8 +12,8 @@
 #
 # `cases` is what tests/integration/nixos.rs checks in detail; `expectations` is the
 # same checks' gist in Nix, used by the flake's `checks.<system>.module-eval`.
-# `missingJobUri` and `noPackage` must fail to evaluate (with the option's name in
-# the error); evaluate them separately.
+# `missingJobUri`, `noPackage` and `secretInStore` must fail to evaluate (with the
+# option's name in the error); evaluate them separately.
 { lib }:
 
 let
@@ -162,6 +163,10 @@ let
         type = types.attrsOf (types.submodule timerUnit);
         default = { };
       };
+      systemd.tmpfiles.rules = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
     };
   };
 
@@ -176,26 +181,25 @@ let
       ];
     }).config;
 
-  evalInstances =
-    instances:
-    evalWith {
-      services.hail.package = fakeHail;
-      services.hail.instances = instances;
-    };
+  # services.hail = hail, with the fake package.
+  evalHail = hail: evalWith { services.hail = { package = fakeHail; } // hail; };
 
   summarize = config: {
     services = config.systemd.services;
     timers = config.systemd.timers;
+    tmpfiles = config.systemd.tmpfiles.rules;
     failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
   };
 
   jobUri = job: "https://hydra.example.org/job/infra/main/${job}";
 
-  cases = lib.mapAttrs (_: instances: summarize (evalInstances instances)) {
-    good = {
+  # Each case is a services.hail configuration.
+  cases = lib.mapAttrs (_: hail: summarize (evalHail hail)) {
+    good.instances = {
       web = {
         jobUri = jobUri "web";
         netrcFile = "/run/secrets/hydra-netrc";
+        environmentFile = "/run/secrets/hail-web.env";
         environment.NIX_CONFIG = "connect-timeout = 5";
         keepGenerations = 5;
         onFailure = [ "notify-admins@%n.service" ];
@@ -229,12 +233,36 @@ let
 
     empty = { };
 
-    onlyDisabled.old = {
+    onlyDisabled.instances.old = {
       enable = false;
       jobUri = "https://hydra.example.org/job/infra/main/old";
     };
 
-    duplicateProfile = {
+    # Both directories moved; the state directory still under /var/lib.
+    customDirs = {
+      profilesDir = "/nix/var/nix/profiles/hail";
+      stateDir = "/var/lib/hail-deploy";
+      metricsDir = "/var/lib/prometheus-node-exporter-text-files";
+      instances.web.jobUri = jobUri "web";
+      instances.retired = {
+        enable = false;
+        jobUri = jobUri "retired";
+      };
+    };
+
+    # A state directory StateDirectory= cannot express.
+    stateOutsideVarLib = {
+      stateDir = "/srv/hail/state";
+      instances.web.jobUri = jobUri "web";
+    };
+
+    badDirs = {
+      profilesDir = "/nix/var/nix/profiles/";
+      stateDir = "/var/lib/my hail";
+      instances.web.jobUri = jobUri "web";
+    };
+
+    duplicateProfile.instances = {
       web.jobUri = jobUri "web";
       web-canary = {
         profile = "web";
@@ -243,7 +271,7 @@ let
       db.jobUri = jobUri "db";
     };
 
-    badJobUri = {
+    badJobUri.instances = {
       no-scheme.jobUri = "hydra.example.org/job/infra/main/web";
       latest.jobUri = "https://hydra.example.org/job/infra/main/web/latest";
       credentials.jobUri = "https://deploy:secret@hydra.example.org/job/infra/main/web";
@@ -251,7 +279,7 @@ let
       query.jobUri = "https://hydra.example.org/job/infra/main/web?x=1";
     };
 
-    badProfile = {
+    badProfile.instances = {
       absolute = {
         profile = "/nix/var/nix/profiles/web";
         jobUri = jobUri "a";
@@ -282,19 +310,28 @@ let
       };
     };
 
-    badInstanceName = {
+    badInstanceName.instances = {
       "my web".jobUri = jobUri "web";
     };
 
-    reservedEnvironment.web = {
+    reservedEnvironment.instances.web = {
       jobUri = jobUri "web";
       environment.HAIL_JOB_URI = jobUri "other";
+      environment.HAIL_STATE_DIR = "/srv/hail";
     };
   };
 
   # Must fail: jobUri has no default.
-  missingJobUri = summarize (evalInstances {
-    web.netrcFile = "/run/secrets/hydra-netrc";
+  missingJobUri = summarize (evalHail {
+    instances.web.netrcFile = "/run/secrets/hydra-netrc";
+  });
+
+  # Must fail: a secret in the store is readable by every user.
+  secretInStore = summarize (evalHail {
+    instances.web = {
+      jobUri = jobUri "web";
+      environmentFile = "/nix/store/00000000000000000000000000000000-hail-web.env";
+    };
   });
 
   # Must fail with the package option's own message: no services.hail.package.
@@ -304,17 +341,15 @@ let
 
   fails = value: !(builtins.tryEval (builtins.deepSeq value value)).success;
   anyMessage = infix: messages: lib.any (lib.hasInfix infix) messages;
-  # Without an enabled instance, only the unit that takes down removed ones, which
-  # does nothing unless an earlier configuration had instances.
-  onlyRemovalUnit =
-    case:
-    lib.attrNames case.services == [ "hail-removed-instances" ]
-    &&
-      case.services.hail-removed-instances.unitConfig.ConditionPathExists
-      == "/var/lib/hail/nixos-instances";
 
   good = cases.good;
   hail = "${fakeHail}/bin/hail";
+  units = [
+    "hail@"
+    "hail-activate@"
+  ];
+  # What each of the two templates must say, for the given case.
+  inTemplates = case: check: lib.all (unit: check case.services.${unit}) units;
 
   expectations = {
     goodHasNoFailedAssertions = good.failedAssertions == [ ];
@@ -349,9 +384,60 @@ let
       good.services."hail-activate@web".wantedBy == [ "multi-user.target" ]
       && good.services."hail-activate@db".wantedBy == [ ]
       && good.services."hail-activate@db".environment.HAIL_PROFILE == "hail-profiles/db";
-    disabledGeneratesNothing =
-      !(good.services ? "hail@retired") && onlyRemovalUnit cases.onlyDisabled;
-    emptyGeneratesNothing = onlyRemovalUnit cases.empty && cases.empty.timers == { };
+    environmentFileOnBothDropIns =
+      good.services."hail@web".serviceConfig.EnvironmentFile == "/run/secrets/hail-web.env"
+      && good.services."hail-activate@web".serviceConfig.EnvironmentFile == "/run/secrets/hail-web.env"
+      && !(good.services."hail@db".serviceConfig ? EnvironmentFile)
+      && !(good.services."hail-activate@db".serviceConfig ? EnvironmentFile);
+    templatesHardened = inTemplates good (
+      unit:
+      unit.serviceConfig.NoNewPrivileges
+      && unit.serviceConfig.PrivateTmp
+      && unit.serviceConfig.RestrictAddressFamilies == [
+        "AF_UNIX"
+        "AF_INET"
+        "AF_INET6"
+      ]
+    );
+    removalUnitNotHardened =
+      !(good.services.hail-removed-instances.serviceConfig ? NoNewPrivileges);
+    # Only disabled instances: the unit that takes them down, nothing else.
+    disabledGeneratesOnlyTheRemovalUnit =
+      !(good.services ? "hail@retired")
+      && lib.attrNames cases.onlyDisabled.services == [ "hail-removed-instances" ]
+      && cases.onlyDisabled.timers == { };
+    emptyGeneratesNothing =
+      cases.empty.services == { }
+      && cases.empty.timers == { }
+      && cases.empty.tmpfiles == [ ]
+      && cases.empty.failedAssertions == [ ];
+    defaultDirectories =
+      inTemplates good (
+        unit:
+        unit.environment.HAIL_PROFILES_DIR == "/nix/var/nix/profiles"
+        && unit.environment.HAIL_STATE_DIR == "/var/lib/hail"
+        && unit.serviceConfig.StateDirectory == "hail"
+      )
+      && good.tmpfiles == [ ];
+    customDirectories =
+      inTemplates cases.customDirs (
+        unit:
+        unit.environment.HAIL_PROFILES_DIR == "/nix/var/nix/profiles/hail"
+        && unit.environment.HAIL_STATE_DIR == "/var/lib/hail-deploy"
+        && unit.serviceConfig.StateDirectory == "hail-deploy"
+      )
+      && cases.customDirs.services.hail-removed-instances.serviceConfig.StateDirectory == "hail-deploy"
+      && lib.hasInfix "/var/lib/hail-deploy/nixos-instances" cases.customDirs.services.hail-removed-instances.script
+      && lib.hasInfix "/nix/var/nix/profiles/hail/$profile/bin/deactivate" cases.customDirs.services.hail-removed-instances.script
+      && cases.customDirs.tmpfiles == [ ];
+    stateOutsideVarLibUsesTmpfiles =
+      inTemplates cases.stateOutsideVarLib (
+        unit:
+        unit.environment.HAIL_STATE_DIR == "/srv/hail/state" && !(unit.serviceConfig ? StateDirectory)
+      )
+      && !(cases.stateOutsideVarLib.services.hail-removed-instances.serviceConfig ? StateDirectory)
+      && cases.stateOutsideVarLib.tmpfiles == [ "d /srv/hail/state 0755 root root -" ];
+    badDirsFailEach = lib.length cases.badDirs.failedAssertions == 2;
     duplicateProfileFails = anyMessage "all deploy the profile" cases.duplicateProfile.failedAssertions;
     badJobUriFailsEach = lib.length cases.badJobUri.failedAssertions == 5;
     badProfileFailsEach = lib.length cases.badProfile.failedAssertions == 7;
@@ -359,6 +445,7 @@ let
     reservedEnvironmentFails = anyMessage "HAIL_JOB_URI" cases.reservedEnvironment.failedAssertions;
     missingJobUriFails = fails missingJobUri;
     noPackageFails = fails noPackage;
+    secretInStoreFails = fails secretInStore;
   };
 in
 {
@@ -366,6 +453,7 @@ in
     cases
     missingJobUri
     noPackage
+    secretInStore
     expectations
     ;
   hailPackage = "${fakeHail}";

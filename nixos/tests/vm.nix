@@ -2,6 +2,9 @@
 # Hydra stand-in running on the same machine, runs its activation, then reboots and
 # checks that the boot-time activation runs it again.
 #
+# The pass runs in hail@'s sandbox on NixOS's read-only store, and reads a secrets file
+# (environmentFile).
+#
 # The stand-in answers the two requests of a pass the way real Hydra does (see
 # ../shared/hydra/HYDRA.md): GET /job/demo/main/demo/latest is a 302 with an absolute
 # Location to /build/1, and GET /build/1 with `Accept: application/json` is the build
@@ -118,7 +121,10 @@ pkgs.testers.runNixOSTest {
     services.hail.instances.demo = {
       jobUri = "http://127.0.0.1:${toString port}/job/demo/main/demo";
       pollPeriod = "1h";
+      environmentFile = "/run/hail-demo.env";
     };
+    # Stands in for a secret that sops-nix or agenix would put there.
+    systemd.tmpfiles.rules = [ "f /run/hail-demo.env 0600 root root - HAIL_TIMEOUT=30" ];
     # The test starts the passes itself; keep the timer from racing it.
     systemd.timers."hail@demo".timerConfig.OnBootSec = lib.mkForce "1h";
   };
@@ -129,6 +135,9 @@ pkgs.testers.runNixOSTest {
 
     with subtest("units are in place"):
         machine.succeed("systemctl is-active hail@demo.timer")
+        for unit in ["hail@demo.service", "hail-activate@demo.service"]:
+            machine.succeed(f"systemctl show -p EnvironmentFiles {unit} | grep -F /run/hail-demo.env")
+            machine.succeed(f"test $(systemctl show -p NoNewPrivileges --value {unit}) = yes")
         # Boot-time activation ran and found no profile yet: success, nothing done.
         machine.succeed("systemctl is-active hail-activate@demo.service")
         machine.fail("test -e ${marker}")

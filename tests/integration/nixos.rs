@@ -14,8 +14,8 @@ use std::process::Output;
 use serde_json::Value;
 
 use crate::units::{
-    NIX_HINT, hail_bin, nix_instantiate, nixpkgs_lib, output_text, repo, run, systemd_verify,
-    temp_dir,
+    HARDENING, NIX_HINT, NOT_HARDENING, hail_bin, nix_instantiate, nixpkgs_lib, output_text, repo,
+    run, systemd_verify, temp_dir,
 };
 
 /// `nix-instantiate --eval --strict --json nixos/tests/eval.nix -A ATTR`.
@@ -60,6 +60,41 @@ fn strings(value: &Value) -> Vec<&str> {
                 .unwrap_or_else(|| panic!("not a string: {item}"))
         })
         .collect()
+}
+
+/// A `serviceConfig` value as NixOS writes it into a unit file: a list is one line per
+/// element, which for the settings compared here is the same as one line of them all.
+fn unit_value(value: &Value) -> String {
+    match value {
+        Value::Bool(true) => "yes".to_owned(),
+        Value::Bool(false) => "no".to_owned(),
+        Value::String(text) => text.clone(),
+        Value::Array(_) => strings(value).join(" "),
+        other => other.to_string(),
+    }
+}
+
+/// The template runs with exactly the sandbox of the plain units in `systemd/`
+/// ([`HARDENING`], which `units::systemd_units_follow_the_contract` checks there).
+fn assert_sandboxed(name: &str, unit: &Value) {
+    let config = unit["serviceConfig"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{name}: no serviceConfig"));
+    for (key, value) in HARDENING {
+        let found = config.get(*key).map(unit_value);
+        assert_eq!(found.as_deref(), Some(*value), "{name}: {key}");
+    }
+    let unlisted: Vec<&String> = config
+        .keys()
+        .filter(|key| {
+            !NOT_HARDENING.contains(&key.as_str())
+                && !HARDENING.iter().any(|(listed, _)| listed == key)
+        })
+        .collect();
+    assert!(
+        unlisted.is_empty(),
+        "{name}: {unlisted:?} are neither in HARDENING nor known non-sandboxing keys"
+    );
 }
 
 fn messages(case: &Value) -> Vec<&str> {
@@ -126,12 +161,25 @@ fn good_configuration_generates_the_units() {
     let script = removal["script"].as_str().expect("a script");
     assert!(
         script.contains("current='hail-profiles/db\nodd-args\nweb\n'")
-            && script.contains("/nix/var/nix/profiles/$profile/bin/deactivate")
-            && script.contains("/var/lib/hail/nixos-instances"),
+            && script.contains("deactivate=/nix/var/nix/profiles/$profile/bin/deactivate")
+            && script.contains("list=/var/lib/hail/nixos-instances"),
         "{script}"
     );
     assert!(removal["unitConfig"].get("ConditionPathExists").is_none());
     assert_eq!(strings(&removal["wantedBy"]), ["multi-user.target"]);
+    assert_eq!(removal["serviceConfig"]["StateDirectory"], "hail");
+    // A manager profile's bin/deactivate finds its instances' profiles there.
+    assert_eq!(
+        removal["environment"]["HAIL_PROFILES_DIR"],
+        "/nix/var/nix/profiles"
+    );
+    // It runs the profiles' bin/deactivate itself: no sandbox, like an activation.
+    for (key, _) in HARDENING {
+        assert!(
+            removal["serviceConfig"].get(*key).is_none(),
+            "hail-removed-instances sets {key}"
+        );
+    }
     assert_eq!(
         keys(timers),
         BTreeSet::from(["hail@web", "hail@db", "hail@odd-args"])
@@ -152,6 +200,12 @@ fn good_configuration_generates_the_units() {
     assert_eq!(template["unitConfig"]["X-StopOnRemoval"], false);
     assert_eq!(template["overrideStrategy"], "asDropinIfExists");
     assert_eq!(template["environment"]["HAIL_PROFILE"], "%i");
+    assert_eq!(
+        template["environment"]["HAIL_PROFILES_DIR"],
+        "/nix/var/nix/profiles"
+    );
+    assert_eq!(template["environment"]["HAIL_STATE_DIR"], "/var/lib/hail");
+    assert_sandboxed("hail@", template);
     assert!(
         strings(&template["path"]).contains(&nix),
         "nix on the template's path"
@@ -197,12 +251,17 @@ fn good_configuration_generates_the_units() {
     assert_eq!(web["environment"]["NIX_CONFIG"], "connect-timeout = 5");
     assert_eq!(
         web["serviceConfig"],
-        serde_json::json!({}),
-        "no extraArgs: the drop-in leaves ExecStart alone"
+        serde_json::json!({ "EnvironmentFile": "/run/secrets/hail-web.env" }),
+        "no extraArgs: the drop-in leaves ExecStart alone, and reads the secrets file"
     );
     assert!(
         services["hail@db"]["environment"]
             .get("HAIL_NETRC_FILE")
+            .is_none()
+    );
+    assert!(
+        services["hail@db"]["serviceConfig"]
+            .get("EnvironmentFile")
             .is_none()
     );
 
@@ -245,6 +304,16 @@ fn good_configuration_generates_the_units() {
         format!("{hail} activate")
     );
     assert_eq!(boot["environment"]["HAIL_PROFILE"], "%i");
+    assert_eq!(
+        boot["environment"]["HAIL_PROFILES_DIR"],
+        template["environment"]["HAIL_PROFILES_DIR"]
+    );
+    assert_eq!(
+        boot["environment"]["HAIL_STATE_DIR"],
+        template["environment"]["HAIL_STATE_DIR"]
+    );
+    assert_eq!(boot["serviceConfig"]["StateDirectory"], "hail");
+    assert_sandboxed("hail-activate@", boot);
     assert_eq!(boot["restartIfChanged"], false);
     assert!(strings(&boot["after"]).contains(&"nix-daemon.socket"));
     assert!(strings(&boot["wantedBy"]).is_empty());
@@ -257,35 +326,128 @@ fn good_configuration_generates_the_units() {
         boot_web["environment"]["HAIL_JOB_URI"],
         services["hail@web"]["environment"]["HAIL_JOB_URI"]
     );
+    // ...and the same secrets, read by systemd from outside the store.
+    assert_eq!(
+        boot_web["serviceConfig"]["EnvironmentFile"],
+        "/run/secrets/hail-web.env"
+    );
     // db (activateAtBoot = false) keeps a drop-in naming its profile, for a manual
     // `systemctl start hail-activate@db`, but boot does not start it.
     let boot_db = &services["hail-activate@db"];
     assert!(strings(&boot_db["wantedBy"]).is_empty(), "{boot_db:#}");
     assert_eq!(boot_db["environment"]["HAIL_PROFILE"], "hail-profiles/db");
+    assert!(boot_db["serviceConfig"].get("EnvironmentFile").is_none());
+    assert!(good["tmpfiles"].as_array().is_some_and(Vec::is_empty));
 }
 
 #[test]
-fn no_enabled_instance_generates_nothing() {
-    let Some(lib) = nixpkgs_lib("nixos::no_enabled_instance_generates_nothing") else {
+fn no_instance_generates_nothing() {
+    let Some(lib) = nixpkgs_lib("nixos::no_instance_generates_nothing") else {
         return;
     };
     let cases = eval_json(&lib, "cases");
-    for case in ["empty", "onlyDisabled"] {
-        // Only the unit that takes down removed instances, idle without their list.
-        let services = &cases[case]["services"];
+
+    // A system that imports the module and defines no instance: not a single unit.
+    let empty = &cases["empty"];
+    assert_eq!(empty["services"], serde_json::json!({}));
+    assert_eq!(empty["timers"], serde_json::json!({}));
+    assert_eq!(empty["tmpfiles"], serde_json::json!([]));
+    assert!(messages(empty).is_empty());
+
+    // Only disabled instances: the unit that takes them down, with no profile to keep,
+    // and nothing else.
+    let disabled = &cases["onlyDisabled"];
+    let services = &disabled["services"];
+    assert_eq!(keys(services), BTreeSet::from(["hail-removed-instances"]));
+    let removal = &services["hail-removed-instances"];
+    let script = removal["script"].as_str().expect("a script");
+    assert!(script.contains("current=''\n"), "{script}");
+    assert_eq!(strings(&removal["wantedBy"]), ["multi-user.target"]);
+    assert!(removal["unitConfig"].get("ConditionPathExists").is_none());
+    assert_eq!(disabled["timers"], serde_json::json!({}));
+    assert!(messages(disabled).is_empty());
+}
+
+#[test]
+fn directories_come_from_one_option_each() {
+    let Some(lib) = nixpkgs_lib("nixos::directories_come_from_one_option_each") else {
+        return;
+    };
+    let cases = eval_json(&lib, "cases");
+
+    // Both moved, the state directory still under /var/lib: StateDirectory= says it.
+    let custom = &cases["customDirs"];
+    let services = &custom["services"];
+    assert_eq!(
+        keys(services),
+        BTreeSet::from([
+            "hail@",
+            "hail@web",
+            "hail-activate@",
+            "hail-activate@web",
+            "hail-removed-instances",
+        ])
+    );
+    for name in ["hail@", "hail-activate@"] {
+        let unit = &services[name];
         assert_eq!(
-            keys(services),
-            BTreeSet::from(["hail-removed-instances"]),
-            "{case}"
+            unit["environment"]["HAIL_PROFILES_DIR"], "/nix/var/nix/profiles/hail",
+            "{name}"
         );
         assert_eq!(
-            services["hail-removed-instances"]["unitConfig"]["ConditionPathExists"],
-            "/var/lib/hail/nixos-instances",
-            "{case}"
+            unit["environment"]["HAIL_STATE_DIR"], "/var/lib/hail-deploy",
+            "{name}"
         );
-        assert_eq!(cases[case]["timers"], serde_json::json!({}), "{case}");
-        assert!(messages(&cases[case]).is_empty(), "{case}");
+        assert_eq!(
+            unit["serviceConfig"]["StateDirectory"], "hail-deploy",
+            "{name}"
+        );
     }
+    let removal = &services["hail-removed-instances"];
+    assert_eq!(removal["serviceConfig"]["StateDirectory"], "hail-deploy");
+    assert_eq!(
+        removal["environment"]["HAIL_PROFILES_DIR"],
+        "/nix/var/nix/profiles/hail"
+    );
+    let script = removal["script"].as_str().expect("a script");
+    assert!(
+        script.contains("list=/var/lib/hail-deploy/nixos-instances\n")
+            && script.contains("deactivate=/nix/var/nix/profiles/hail/$profile/bin/deactivate\n")
+            && !script.contains("/var/lib/hail/")
+            && !script.contains("/nix/var/nix/profiles/$profile"),
+        "{script}"
+    );
+    assert_eq!(
+        services["hail@web"]["environment"]["HAIL_METRICS_FILE"],
+        "/var/lib/prometheus-node-exporter-text-files/hail-web.prom"
+    );
+    assert_eq!(custom["tmpfiles"], serde_json::json!([]));
+    assert!(messages(custom).is_empty(), "{custom:#}");
+
+    // Outside /var/lib: no StateDirectory= anywhere, systemd-tmpfiles makes it.
+    let outside = &cases["stateOutsideVarLib"];
+    let services = &outside["services"];
+    for name in ["hail@", "hail-activate@", "hail-removed-instances"] {
+        let unit = &services[name];
+        assert_eq!(
+            unit["environment"]["HAIL_STATE_DIR"], "/srv/hail/state",
+            "{name}"
+        );
+        assert!(
+            unit["serviceConfig"].get("StateDirectory").is_none(),
+            "{name}: {unit:#}"
+        );
+    }
+    assert!(
+        services["hail-removed-instances"]["script"]
+            .as_str()
+            .is_some_and(|script| script.contains("list=/srv/hail/state/nixos-instances\n"))
+    );
+    assert_eq!(
+        outside["tmpfiles"],
+        serde_json::json!(["d /srv/hail/state 0755 root root -"])
+    );
+    assert!(messages(outside).is_empty(), "{outside:#}");
 }
 
 #[test]
@@ -368,20 +530,42 @@ fn bad_configurations_fail_with_the_fix() {
         &cases,
         "reservedEnvironment",
         &[&[
-            "services.hail.instances.web.environment sets HAIL_JOB_URI",
-            ".jobUri",
+            "services.hail.instances.web.environment sets HAIL_JOB_URI, HAIL_STATE_DIR",
+            "use services.hail.instances.web.jobUri, services.hail.stateDir instead",
         ]],
+    );
+
+    assert_failures(
+        &cases,
+        "badDirs",
+        &[
+            &[
+                "services.hail.profilesDir = \"/nix/var/nix/profiles/\"",
+                "is not a usable directory",
+                "(no \"/\" at the end)",
+            ],
+            &[
+                "services.hail.stateDir = \"/var/lib/my hail\"",
+                "is not a usable directory",
+            ],
+        ],
     );
 }
 
 #[test]
-fn missing_job_uri_and_package_fail_to_evaluate() {
-    let Some(lib) = nixpkgs_lib("nixos::missing_job_uri_and_package_fail_to_evaluate") else {
+fn missing_job_uri_and_package_and_secrets_in_the_store_fail_to_evaluate() {
+    let Some(lib) =
+        nixpkgs_lib("nixos::missing_job_uri_and_package_and_secrets_in_the_store_fail_to_evaluate")
+    else {
         return;
     };
     for (attr, expected) in [
         ("missingJobUri", "services.hail.instances.web.jobUri"),
         ("noPackage", "services.hail.package is not set"),
+        (
+            "secretInStore",
+            "services.hail.instances.web.environmentFile' is not of type `null or absolute path not in the Nix store'",
+        ),
     ] {
         let output = eval(&lib, attr);
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -429,40 +613,40 @@ fn generated_service_lines_pass_systemd_analyze() {
     let cases = eval_json(&lib, "cases");
     let services = &cases["good"]["services"];
     let dir = temp_dir();
-    let mut names = Vec::new();
     for instance in ["web", "db", "odd-args"] {
-        let template = &services["hail@"];
-        let dropin = &services[format!("hail@{instance}").as_str()];
-        let mut unit = String::from("[Unit]\nDescription=hail module check\n[Service]\n");
-        for section in [template, dropin] {
-            for (key, value) in section["environment"].as_object().expect("environment") {
-                unit.push_str(&environment_line(key, value));
-            }
-            for (key, value) in section["serviceConfig"].as_object().expect("serviceConfig") {
-                let values = match value {
-                    Value::Array(items) => items.clone(),
-                    other => vec![other.clone()],
-                };
-                for value in values {
-                    let text = match value {
-                        Value::String(text) => text,
-                        Value::Bool(flag) => flag.to_string(),
-                        other => other.to_string(),
+        for template in ["hail@", "hail-activate@"] {
+            let dropin = &services[format!("{template}{instance}").as_str()];
+            let mut unit = String::from("[Unit]\nDescription=hail module check\n[Service]\n");
+            for section in [&services[template], dropin] {
+                for (key, value) in section["environment"].as_object().expect("environment") {
+                    unit.push_str(&environment_line(key, value));
+                }
+                for (key, value) in section["serviceConfig"].as_object().expect("serviceConfig") {
+                    let values = match value {
+                        Value::Array(items) => items.clone(),
+                        other => vec![other.clone()],
                     };
-                    let text = text.replace(&fake_hail, hail_bin());
-                    unit.push_str(&format!("{key}={text}\n"));
+                    for value in values {
+                        let text = match value {
+                            Value::String(text) => text,
+                            Value::Bool(flag) => flag.to_string(),
+                            other => other.to_string(),
+                        };
+                        let text = text.replace(&fake_hail, hail_bin());
+                        unit.push_str(&format!("{key}={text}\n"));
+                    }
                 }
             }
+            let file = format!("check-{template}.service").replace('@', &format!("-{instance}@"));
+            std::fs::write(dir.path().join(&file), &unit).expect("write unit");
+            let name = file.replace("@.", &format!("@{instance}."));
+            let (output, printed) = systemd_verify(dir.path(), &[&name]);
+            assert!(
+                output.status.success() && printed.trim().is_empty(),
+                "systemd-analyze verify complained about the lines generated for {template}{instance}:\n{unit}\n{}",
+                output_text(&output)
+            );
         }
-        let file = format!("check-{instance}@.service");
-        std::fs::write(dir.path().join(&file), &unit).expect("write unit");
-        names.push(format!("check-{instance}@{instance}.service"));
-        let (output, printed) = systemd_verify(dir.path(), &[names.last().expect("name")]);
-        assert!(
-            output.status.success() && printed.trim().is_empty(),
-            "systemd-analyze verify complained about the lines generated for {instance}:\n{unit}\n{}",
-            output_text(&output)
-        );
     }
 }
 

@@ -454,3 +454,131 @@ fn a_failed_activation_quotes_the_scripts_own_stderr() {
         "{error}"
     );
 }
+
+/// An activate that takes 3 s, then records what confines it (its
+/// `NoNewPrivs` and `Seccomp_filters` lines, its mount and UTS namespaces) and
+/// leaves a file in /tmp.
+fn probing_activate(label: &str) -> String {
+    format!(
+        "#!/bin/sh\nset -e\nmkdir -p /var/lib/hail-test\n\
+         echo \"start $$ label={label}\" >> {STARTED}\n\
+         sleep 3\n\
+         {{ grep -E '^(NoNewPrivs|Seccomp_filters):' /proc/self/status; \
+         readlink /proc/self/ns/mnt /proc/self/ns/uts; }} > /var/lib/hail-test/confinement\n\
+         touch /tmp/hail-test-{label}\n\
+         echo \"done $$ label={label}\" >> {ACTIVATIONS}\n"
+    )
+}
+
+/// What confines process `pid` of the container, as [`probing_activate`]
+/// records it.
+fn confinement(c: &Container, pid: &str) -> Vec<String> {
+    let run = c.sh(&format!(
+        "grep -E '^(NoNewPrivs|Seccomp_filters):' /proc/{pid}/status; \
+         readlink /proc/{pid}/ns/mnt /proc/{pid}/ns/uts"
+    ));
+    assert_exit(&run, 0);
+    let lines: Vec<String> = run.stdout.lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 4, "{run:?}");
+    lines
+}
+
+/// How many seccomp filters a [`confinement`] shows.
+fn seccomp_filters(confinement: &[String]) -> u32 {
+    confinement[1]
+        .strip_prefix("Seccomp_filters:\t")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no filter count: {confinement:?}"))
+}
+
+#[test]
+fn sandboxed_pass_deploys_to_a_read_only_store_activates_unconfined_and_rolls_back() {
+    let world = World::new();
+    let mut container = install(&world);
+    // The store read-only, as NixOS mounts it: nix-env has to make it writable
+    // in a mount namespace of its own, inside hail@'s sandbox.
+    container.write(
+        "/etc/fstab",
+        "/nix/store /nix/store none bind,ro 0 0\n",
+        0o644,
+    );
+    // Hydra and the cache by name, which hail and nix-env resolve with
+    // RestrictAddressFamilies= in force.
+    let origin = world.hydra.origin();
+    let by_name = origin.replace("127.0.0.1", "hydra.hail.test");
+    assert_ne!(by_name, origin);
+    container.write("/etc/hosts", "127.0.0.1 localhost hydra.hail.test\n", 0o644);
+    container.write(
+        &format!("/etc/hail/{INSTANCE}.env"),
+        format!(
+            "HAIL_JOB_URI={}\n",
+            world.hydra.job_uri(JOB).replace(&origin, &by_name)
+        ),
+        0o644,
+    );
+    container.write(
+        "/etc/nix/nix.conf",
+        world.cache.client_nix_config(&by_name),
+        0o644,
+    );
+    boot_and_enable(&mut container);
+    let c = &container;
+    let touch = c.exec(&["touch", "/nix/store/hail-test-probe"]);
+    assert_ne!(touch.code, Some(0), "the store is writable: {touch:?}");
+    // PID 1 (nspawn gives it a seccomp filter of its own).
+    let pid1 = confinement(c, "1");
+    assert_eq!(pid1[0], "NoNewPrivs:\t0");
+
+    // A pass deploys a build; while its activation runs, the pass is
+    // sandboxed (no new privileges, more seccomp filters, its own mount and
+    // UTS namespaces) and the activation is not.
+    let (id, a) = publish(&world, "a", &probing_activate("a"));
+    assert_exit(&c.systemctl(&["start", "--no-block", PASS]), 0);
+    let pid = wait_for_start(c, "a");
+    let pass = confinement(c, &c.show(PASS, "MainPID"));
+    assert_eq!(pass[0], "NoNewPrivs:\t1", "{pass:?}");
+    assert!(
+        seccomp_filters(&pass) > seccomp_filters(&pid1),
+        "no seccomp filter of hail@'s own: {pass:?}, PID 1: {pid1:?}"
+    );
+    assert_ne!(pass[2], pid1[2], "hail@ shares PID 1's mount namespace");
+    assert_ne!(pass[3], pid1[3], "hail@ shares PID 1's hostname");
+    wait_for_done(c, &pid, "a");
+    wait_for(Duration::from_secs(30), "the pass to end", || {
+        c.is_active(PASS) != "activating"
+    });
+    assert_eq!(c.show(PASS, "Result"), "success", "{}", c.journal(PASS));
+    assert_eq!(profile_target(c), a);
+    assert_eq!(generations(c), [1]);
+    journal_with(c, PASS, &format!("deployed build {id}"));
+    assert_eq!(
+        c.lines("/var/lib/hail-test/confinement"),
+        pid1,
+        "the activation ran confined"
+    );
+    // Its /tmp is the system's, not the pass's private one.
+    assert_exit(&c.exec(&["test", "-e", "/tmp/hail-test-a"]), 0);
+
+    // The boot-time activation, sandboxed the same way, activates unconfined.
+    assert_exit(&c.exec(&["rm", "/var/lib/hail-test/confinement"]), 0);
+    assert_exit(&c.systemctl(&["restart", BOOT]), 0);
+    assert_eq!(c.lines("/var/lib/hail-test/confinement"), pid1);
+
+    // A build whose activation fails is rolled back, from inside the sandbox.
+    let (id, _) = publish(
+        &world,
+        "b",
+        "#!/bin/sh\necho 'b does not start' >&2\nexit 1\n",
+    );
+    let run = c.systemctl(&["start", PASS]);
+    assert_ne!(run.code, Some(0), "{run:?}");
+    assert_eq!(c.show(PASS, "ExecMainStatus"), "3", "{}", c.journal(PASS));
+    let journal = journal_with(c, PASS, "rolled back to generation 1");
+    assert!(
+        journal.contains(&format!("activation of build {id} ("))
+            && journal.contains("exited with status 1; rolling back"),
+        "{journal}"
+    );
+    assert_eq!(profile_target(c), a);
+    assert_eq!(generations(c), [1]);
+}

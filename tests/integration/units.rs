@@ -364,6 +364,39 @@ fn systemd_verify_catches_a_bad_unit() {
     );
 }
 
+/// The sandbox of `hail@.service` and `hail-activate@.service`, in `systemd/` and in the
+/// NixOS module's templates alike: `[Service]` key and value as a unit file says it.
+pub(crate) const HARDENING: &[(&str, &str)] = &[
+    ("NoNewPrivileges", "yes"),
+    ("PrivateTmp", "yes"),
+    ("ProtectClock", "yes"),
+    ("ProtectControlGroups", "yes"),
+    ("ProtectHostname", "yes"),
+    ("ProtectKernelLogs", "yes"),
+    ("ProtectKernelModules", "yes"),
+    ("ProtectKernelTunables", "yes"),
+    ("LockPersonality", "yes"),
+    ("RestrictRealtime", "yes"),
+    ("RestrictSUIDSGID", "yes"),
+    ("SystemCallArchitectures", "native"),
+    ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
+];
+
+/// `[Service]` keys of the two service units that are not sandboxing: everything else
+/// there must be in [`HARDENING`], so that the units and the module cannot drift apart.
+pub(crate) const NOT_HARDENING: &[&str] = &[
+    "Type",
+    "RemainAfterExit",
+    "Environment",
+    "EnvironmentFile",
+    "ExecStart",
+    "SuccessExitStatus",
+    "NotifyAccess",
+    "StateDirectory",
+    "TimeoutStartSec",
+    "UMask",
+];
+
 /// A unit file's settings as (section, key, value), comments and blank lines dropped.
 fn unit_settings(name: &str) -> Vec<(String, String, String)> {
     let text = std::fs::read_to_string(repo().join("systemd").join(name)).expect("read unit");
@@ -448,9 +481,30 @@ fn systemd_units_follow_the_contract() {
         "Service/ExecStart=/usr/local/bin/hail activate",
         "Service/TimeoutStartSec=1h",
         "Service/NotifyAccess=main",
+        "Service/StateDirectory=hail",
         "Install/WantedBy=multi-user.target",
     ] {
         assert_setting(&boot, "hail-activate@.service", expected);
+    }
+
+    // Both run sandboxed, the same way, and with nothing else that sandboxes.
+    for (unit, settings) in [("hail@.service", &pass), ("hail-activate@.service", &boot)] {
+        for (key, value) in HARDENING {
+            assert_setting(settings, unit, &format!("Service/{key}={value}"));
+        }
+        let unlisted: Vec<&str> = settings
+            .iter()
+            .filter(|(section, key, _)| {
+                section == "Service"
+                    && !NOT_HARDENING.contains(&key.as_str())
+                    && !HARDENING.iter().any(|(listed, _)| listed == key)
+            })
+            .map(|(_, key, _)| key.as_str())
+            .collect();
+        assert!(
+            unlisted.is_empty(),
+            "systemd/{unit}: {unlisted:?} are neither in HARDENING nor known non-sandboxing keys"
+        );
     }
 }
 
