@@ -317,12 +317,9 @@ let
             both drop-ins): a change takes effect at the next pass, and a missing file
             fails the unit. Its variables win over
             {option}`services.hail.instances.<name>.environment` and over those the
-            other options set.
-
-            Caveat: hail hands its whole environment, these variables included, to
-            the transient unit that runs the profile's `bin/activate`, where any
-            local user can read it (`systemctl show -p Environment`) while the
-            activation runs.
+            other options set. hail does not hand them on to the transient unit that
+            runs the profile's `bin/activate` (whose environment any local user can
+            read): an activation inherits only `PATH`, the locale and `HAIL_*`.
           '';
         };
 

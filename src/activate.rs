@@ -323,29 +323,21 @@ fn systemctl_active_state_command(unit: &str) -> Command {
     cmd
 }
 
-/// Names of hail's environment variables that activate inherits, less
-/// those systemd sets for hail's own unit.
+/// Names of hail's environment variables that an activation in a transient
+/// unit inherits: an allow-list, because a transient unit's environment is
+/// readable by every local user (`systemctl show -p Environment`), while
+/// hail's may hold secrets (an `EnvironmentFile=` with `NIX_CONFIG` access
+/// tokens). hail's own settings (`HAIL_*`), the search path and the locale.
 fn inherited_env() -> Vec<String> {
-    const UNIT_ONLY: &[&str] = &[
-        "INVOCATION_ID",
-        "NOTIFY_SOCKET",
-        "JOURNAL_STREAM",
-        "MAINPID",
-        "SYSTEMD_EXEC_PID",
-        "MANAGERPID",
-        "WATCHDOG_PID",
-        "WATCHDOG_USEC",
-        "LISTEN_FDS",
-        "LISTEN_PID",
-        "LISTEN_FDNAMES",
-        "TRIGGER_UNIT",
-        "TRIGGER_TIMER_REALTIME_USEC",
-        "TRIGGER_TIMER_MONOTONIC_USEC",
-    ];
     std::env::vars_os()
         .filter_map(|(name, _)| name.into_string().ok())
-        .filter(|name| !UNIT_ONLY.contains(&name.as_str()) && !name.contains('='))
+        .filter(|name| inherited(name))
         .collect()
+}
+
+fn inherited(name: &str) -> bool {
+    const NAMES: &[&str] = &["PATH", "LANG", "LANGUAGE", "TZ", "TZDIR", "LOCALE_ARCHIVE"];
+    NAMES.contains(&name) || name.starts_with("LC_") || name.starts_with("HAIL_")
 }
 
 /// Which run of a unit to read from the journal.
@@ -610,6 +602,22 @@ mod tests {
 
     fn store_path() -> StorePath {
         StoreDir::new("/nix/store").parse(STORE_PATH).unwrap()
+    }
+
+    #[test]
+    fn activations_in_a_unit_inherit_no_secrets() {
+        for name in ["PATH", "LANG", "LC_ALL", "HAIL_PROFILES_DIR", "TZ"] {
+            assert!(inherited(name), "{name}");
+        }
+        for name in [
+            "NIX_CONFIG",
+            "AWS_SECRET_ACCESS_KEY",
+            "INVOCATION_ID",
+            "NOTIFY_SOCKET",
+            "CREDENTIALS_DIRECTORY",
+        ] {
+            assert!(!inherited(name), "{name}");
+        }
     }
 
     #[test]

@@ -510,8 +510,9 @@ fn sandboxed_pass_deploys_to_a_read_only_store_activates_unconfined_and_rolls_ba
     container.write("/etc/hosts", "127.0.0.1 localhost hydra.hail.test\n", 0o644);
     container.write(
         &format!("/etc/hail/{INSTANCE}.env"),
+        // A secret, as an environment file holds access tokens.
         format!(
-            "HAIL_JOB_URI={}\n",
+            "HAIL_JOB_URI={}\nSECRET_PROBE=hunter2\n",
             world.hydra.job_uri(JOB).replace(&origin, &by_name)
         ),
         0o644,
@@ -543,6 +544,10 @@ fn sandboxed_pass_deploys_to_a_read_only_store_activates_unconfined_and_rolls_ba
     );
     assert_ne!(pass[2], pid1[2], "hail@ shares PID 1's mount namespace");
     assert_ne!(pass[3], pid1[3], "hail@ shares PID 1's hostname");
+    // Anyone can read a unit's environment: the activation's holds no secret.
+    let environment = c.show("hail-activation-demo.service", "Environment");
+    assert!(environment.contains("PATH="), "{environment}");
+    assert!(!environment.contains("hunter2"), "{environment}");
     wait_for_done(c, &pid, "a");
     wait_for(Duration::from_secs(30), "the pass to end", || {
         c.is_active(PASS) != "activating"
