@@ -78,6 +78,22 @@ let
       EnvironmentFile = instance.environmentFile;
     };
 
+  # What both of an instance's drop-ins (hail@<name>, hail-activate@<name>) say:
+  # drop-ins for the templates, not unit files of their own; the templates' PATH
+  # (NixOS writes a PATH= line into every service it generates, drop-ins too, made
+  # from the unit's `path` plus coreutils & co., which would otherwise replace the
+  # template's and lose nix-env); never restarted by a switch; and the same profile
+  # and job (hail activate refuses a profile deployed from another job).
+  instanceDropin = instance: {
+    overrideStrategy = "asDropin";
+    path = hailPath;
+    restartIfChanged = false;
+    environment = {
+      HAIL_PROFILE = instance.profile;
+      HAIL_JOB_URI = instance.jobUri;
+    };
+  };
+
   # The sandbox of hail@ and hail-activate@, the same as in systemd/hail@.service. It
   # confines the pass (hail, nix-env, systemctl, journalctl), not bin/activate: under
   # systemd hail runs that in a transient unit of its own through systemd-run, which
@@ -746,29 +762,19 @@ in
 
           (lib.mapAttrs' (
             name: instance:
-            lib.nameValuePair "hail@${name}" {
-              # A drop-in (hail@<name>.service.d/overrides.conf) for the template, not a
-              # unit file of its own.
-              overrideStrategy = "asDropin";
-              # NixOS writes a PATH= line into every service it generates, drop-ins
-              # too, made from the unit's `path` plus coreutils & co. Without this the
-              # drop-in's PATH would replace the template's and lose nix-env.
-              path = hailPath;
-              restartIfChanged = false;
-              environment = {
-                HAIL_PROFILE = instance.profile;
-                HAIL_JOB_URI = instance.jobUri;
-              }
-              // lib.optionalAttrs (instance.netrcFile != null) {
-                HAIL_NETRC_FILE = instance.netrcFile;
-              }
-              // lib.optionalAttrs (instance.keepGenerations != null) {
-                HAIL_KEEP_GENERATIONS = toString instance.keepGenerations;
-              }
-              // lib.optionalAttrs (cfg.metricsDir != null) {
-                HAIL_METRICS_FILE = "${cfg.metricsDir}/hail-${name}.prom";
-              }
-              // instance.environment;
+            lib.nameValuePair "hail@${name}" (instanceDropin instance // {
+              environment =
+                (instanceDropin instance).environment
+                // lib.optionalAttrs (instance.netrcFile != null) {
+                  HAIL_NETRC_FILE = instance.netrcFile;
+                }
+                // lib.optionalAttrs (instance.keepGenerations != null) {
+                  HAIL_KEEP_GENERATIONS = toString instance.keepGenerations;
+                }
+                // lib.optionalAttrs (cfg.metricsDir != null) {
+                  HAIL_METRICS_FILE = "${cfg.metricsDir}/hail-${name}.prom";
+                }
+                // instance.environment;
               onFailure = instance.onFailure;
               serviceConfig =
                 # ExecStart= accumulates in drop-ins of oneshot units: "" resets the
@@ -780,27 +786,18 @@ in
                   ];
                 }
                 // environmentFileConfig instance;
-            }
+            })
           ) enabledInstances)
 
           # Every instance gets the drop-in, so that `systemctl start hail-activate@<name>`
           # activates the right profile; only activateAtBoot makes boot start it.
           (lib.mapAttrs' (
             name: instance:
-            lib.nameValuePair "hail-activate@${name}" {
-              overrideStrategy = "asDropin";
-              path = hailPath;
-              restartIfChanged = false;
-              # The same profile and job as hail@<name>: hail activate refuses a profile
-              # deployed from another job, and records a failure for the passes to retry.
-              environment = {
-                HAIL_PROFILE = instance.profile;
-                HAIL_JOB_URI = instance.jobUri;
-              }
-              // instance.environment;
+            lib.nameValuePair "hail-activate@${name}" (instanceDropin instance // {
+              environment = (instanceDropin instance).environment // instance.environment;
               serviceConfig = environmentFileConfig instance;
               wantedBy = lib.optional instance.activateAtBoot "multi-user.target";
-            }
+            })
           ) enabledInstances)
         ];
 
