@@ -189,9 +189,9 @@ pub struct PassArgs {
     #[arg(long, env = "HAIL_TIMEOUT", value_name = "SECS", value_parser = parse_seconds)]
     pub timeout: Option<Duration>,
 
-    /// Seconds each nix-env call (realising the build, rolling back, deleting
-    /// generations) may take before its process group is ended: a stuck
-    /// substitution must not hold the profile lock forever.
+    /// Seconds each nix call (realising the build, switching the profile,
+    /// rolling back, deleting generations) may take before its process group
+    /// is ended: a stuck substitution must not hold the profile lock forever.
     #[arg(long, env = "HAIL_NIX_TIMEOUT", value_name = "SECS", value_parser = parse_seconds, default_value = "1800")]
     pub nix_timeout: Duration,
 

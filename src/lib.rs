@@ -16,6 +16,7 @@ pub mod service;
 pub mod state;
 pub mod status;
 pub mod store_path;
+pub mod system;
 
 use std::process::ExitCode;
 

@@ -20,6 +20,7 @@ use crate::state::{
     State, StateDir, Waiting,
 };
 use crate::store_path::{StoreDir, StorePath};
+use crate::system;
 
 pub struct Pass {
     pub hydra: hydra::Client,
@@ -626,7 +627,12 @@ impl Pass {
         self.state.save(&self.profile.name, state)?;
 
         report::status(&format!("realising build {} {}", build.id, build.out_path));
-        if let Err(err) = self.profile.switch_to(&build.out_path, self.nix_timeout) {
+        let switched = self
+            .profile
+            .switch_to(&build.out_path, self.nix_timeout, || {
+                system::check_deployable(&self.profile.name, &build.out_path)
+            });
+        if let Err(err) = switched {
             state.deployed = before;
             return Err(err.context(format!("build {} was not deployed", build.id)))
                 .failed_as(FailureKind::Nix);

@@ -1,6 +1,7 @@
-//! The Nix profile hail keeps in step: where it points, and the `nix-env`
-//! calls that change it. Reading the profile never runs nix; changing it
-//! always goes through `nix-env`, whose argv is built here and only here.
+//! The Nix profile hail keeps in step: where it points, and the nix calls
+//! that change it. Reading the profile never runs nix; changing it always
+//! goes through `nix-store --realise` and `nix-env`, whose argv is built here
+//! and only here.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -117,15 +118,24 @@ impl Profile {
         store_path_behind(&self.path, store)
     }
 
-    /// Switches the profile to `store_path` as a new generation, substituting
-    /// the path first as nix.conf says, within `timeout`. On failure the
-    /// profile is unchanged.
-    pub fn switch_to(&self, store_path: &StorePath, timeout: Duration) -> Result<()> {
+    /// Realises `store_path` (nix substitutes it from the binary caches
+    /// nix.conf names), lets `inspect` look at its content, and only then
+    /// switches the profile to it as a new generation; each nix call within
+    /// `timeout`. On failure, or if `inspect` refuses it, the profile is
+    /// unchanged.
+    pub fn switch_to(
+        &self,
+        store_path: &StorePath,
+        timeout: Duration,
+        inspect: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        realise(store_path, timeout)?;
+        inspect()?;
         if let Some(parent) = self.path.parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("cannot create profiles dir {}", parent.display()))?;
         }
-        run_nix_env(nix_env_set(&self.path, store_path), timeout).with_context(|| {
+        run_nix(nix_env_set(&self.path, store_path), timeout).with_context(|| {
             format!(
                 "could not switch profile {} to {store_path}",
                 self.path.display()
@@ -135,7 +145,7 @@ impl Profile {
 
     /// Points the profile back at an existing generation.
     pub fn switch_generation(&self, generation: u64, timeout: Duration) -> Result<()> {
-        run_nix_env(nix_env_switch_generation(&self.path, generation), timeout).with_context(|| {
+        run_nix(nix_env_switch_generation(&self.path, generation), timeout).with_context(|| {
             format!(
                 "could not switch profile {} back to generation {generation}",
                 self.path.display()
@@ -145,14 +155,12 @@ impl Profile {
 
     /// Deletes generations that are not the current one.
     pub fn delete_generations(&self, generations: &[u64], timeout: Duration) -> Result<()> {
-        run_nix_env(nix_env_delete_generations(&self.path, generations), timeout).with_context(
-            || {
-                format!(
-                    "could not delete generations {generations:?} of profile {}",
-                    self.path.display()
-                )
-            },
-        )
+        run_nix(nix_env_delete_generations(&self.path, generations), timeout).with_context(|| {
+            format!(
+                "could not delete generations {generations:?} of profile {}",
+                self.path.display()
+            )
+        })
     }
 
     /// Removes the profile and its generation `generation`, when a first
@@ -284,16 +292,32 @@ pub fn store_path_behind(link: &Path, store: &StoreDir) -> Result<Option<StorePa
     )
 }
 
-/// Runs a nix-env command with its stderr (substitution progress) echoed
-/// as it comes, ended after `timeout` so that a stuck substitution cannot
-/// hold the profile lock forever.
-fn run_nix_env(cmd: Command, timeout: Duration) -> Result<()> {
+/// Runs a nix command with its stderr (substitution progress) echoed as it
+/// comes, ended after `timeout` so that a stuck nix cannot hold the profile
+/// lock forever.
+fn run_nix(cmd: Command, timeout: Duration) -> Result<()> {
     let deadline = process::Deadline::new(
         timeout,
         "raise --nix-timeout (HAIL_NIX_TIMEOUT) if substituting this build takes longer, \
          or check that the binary caches in nix.conf answer",
     );
     process::run(cmd, deadline, process::Echo::Stderr)
+}
+
+/// Makes `store_path` valid in the store, substituting it and its closure
+/// within `timeout`.
+fn realise(store_path: &StorePath, timeout: Duration) -> Result<()> {
+    run_nix(nix_store_realise(store_path), timeout)
+        .with_context(|| format!("could not realise {store_path}"))
+}
+
+/// `nix-store --realise --no-gc-warning STORE_PATH`: substitutes the path
+/// (it has no derivation here); no GC root, since `nix-env --set` makes the
+/// generation that keeps it, and so no warning about one.
+pub fn nix_store_realise(store_path: &StorePath) -> Command {
+    let mut cmd = Command::new("nix-store");
+    cmd.args(["--realise", "--no-gc-warning", store_path.as_str()]);
+    cmd
 }
 
 /// `nix-env --profile PROFILE --set STORE_PATH`: one atomic switch to a new
@@ -369,6 +393,22 @@ mod tests {
                 "--profile",
                 "/p/web",
                 "--set",
+                "/nix/store/0c0b5jrrfg6x7mnyl2kjkzzwhm5xhrm8-hello"
+            ]
+        );
+    }
+
+    #[test]
+    fn nix_store_realise_argv() {
+        let path = StoreDir::new("/nix/store")
+            .parse("/nix/store/0c0b5jrrfg6x7mnyl2kjkzzwhm5xhrm8-hello")
+            .unwrap();
+        assert_eq!(
+            argv(&nix_store_realise(&path)),
+            [
+                "nix-store",
+                "--realise",
+                "--no-gc-warning",
                 "/nix/store/0c0b5jrrfg6x7mnyl2kjkzzwhm5xhrm8-hello"
             ]
         );

@@ -32,7 +32,7 @@ complete -c hail -n "__fish_hail_needs_command" -l netrc-file -d 'netrc file wit
 complete -c hail -n "__fish_hail_needs_command" -l state-dir -d 'Where hail keeps per-profile state and locks [default: $STATE_DIRECTORY, else /var/lib/hail]' -r -F
 complete -c hail -n "__fish_hail_needs_command" -l lock-timeout -d 'Seconds to wait for another pass on the same profile to finish' -r
 complete -c hail -n "__fish_hail_needs_command" -l timeout -d 'Seconds each HTTP exchange may take [default: 10 to connect, 60 in all]' -r
-complete -c hail -n "__fish_hail_needs_command" -l nix-timeout -d 'Seconds each nix-env call (realising the build, rolling back, deleting generations) may take before its process group is ended: a stuck substitution must not hold the profile lock forever' -r
+complete -c hail -n "__fish_hail_needs_command" -l nix-timeout -d 'Seconds each nix call (realising the build, switching the profile, rolling back, deleting generations) may take before its process group is ended: a stuck substitution must not hold the profile lock forever' -r
 complete -c hail -n "__fish_hail_needs_command" -l output -d 'The build output to deploy, for jobs whose deployable output is not `out`' -r
 complete -c hail -n "__fish_hail_needs_command" -l system -d 'Only builds for this system (Hydra\'s latest-for/SYSTEM); otherwise the highest build id of any system wins' -r
 complete -c hail -n "__fish_hail_needs_command" -l min-build-age -d 'Deploy a build only once it has been finished this long (e.g. 30min, 2h, 1d; plain numbers are seconds): canary hosts at 0, the fleet later' -r

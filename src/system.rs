@@ -1,0 +1,94 @@
+//! Whole NixOS hosts: a build whose output is a NixOS system goes only to the
+//! profile `system`, whose generations NixOS boots, and nothing else goes
+//! there.
+
+use std::path::Path;
+
+use anyhow::{Result, anyhow};
+
+use crate::failure::{Failure, FailureKind};
+use crate::profile::ProfileName;
+use crate::store_path::StorePath;
+
+/// The one profile a NixOS system is deployed to (`/nix/var/nix/profiles/system`,
+/// whose generations NixOS boots).
+pub const SYSTEM_PROFILE: &str = "system";
+
+/// Whether the store path `path` is a NixOS system: it has `nixos-version`
+/// and `bin/switch-to-configuration`.
+pub fn is_system(path: &Path) -> bool {
+    path.join("nixos-version").is_file() && path.join("bin/switch-to-configuration").is_file()
+}
+
+/// Whether `profile` is the profile NixOS systems go to.
+pub fn is_system_profile(profile: &ProfileName) -> bool {
+    profile.as_str() == SYSTEM_PROFILE
+}
+
+/// Refuses (exit 1, before the profile changes) a NixOS system for any
+/// profile but `system`, and anything else for `system`, whose generations
+/// NixOS puts in the boot menu. Run on the realised path.
+pub fn check_deployable(profile: &ProfileName, store_path: &StorePath) -> Result<()> {
+    let system = is_system(store_path.as_path());
+    let refusal = match (system, is_system_profile(profile)) {
+        (true, false) => format!(
+            "{store_path} is a NixOS system (it has nixos-version and \
+             bin/switch-to-configuration); hail deploys a system only to the profile \
+             {SYSTEM_PROFILE}, not to {profile}: use `--profile {SYSTEM_PROFILE}` \
+             (HAIL_PROFILE={SYSTEM_PROFILE}) for this job"
+        ),
+        (false, true) => format!(
+            "{store_path} is not a NixOS system (it lacks nixos-version or \
+             bin/switch-to-configuration), and the profile {SYSTEM_PROFILE} holds only \
+             systems (NixOS boots its generations); deploy it to a profile of its own"
+        ),
+        _ => return Ok(()),
+    };
+    Err(Failure::tagged(FailureKind::State, anyhow!(refusal)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store_path::StoreDir;
+
+    /// A NixOS-like system in `dir`: `nixos-version` and a switch script.
+    fn fake_system(dir: &Path) {
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::write(dir.join("nixos-version"), "26.05").unwrap();
+        std::fs::write(dir.join("bin/switch-to-configuration"), "").unwrap();
+    }
+
+    #[test]
+    fn systems_go_to_the_system_profile_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreDir::new(dir.path());
+        let system_path = dir
+            .path()
+            .join("0c0b5jrrfg6x7mnyl2kjkzzwhm5xhrm8-nixos-system-web");
+        fake_system(&system_path);
+        let other_path = dir.path().join("1c0b5jrrfg6x7mnyl2kjkzzwhm5xhrm8-web");
+        std::fs::create_dir_all(other_path.join("bin")).unwrap();
+        std::fs::write(other_path.join("bin/activate"), "").unwrap();
+        let parse = |path: &Path| store.parse(&path.to_string_lossy()).unwrap();
+        let (system_build, other_build) = (parse(&system_path), parse(&other_path));
+        let profile = |name| ProfileName::parse(name).unwrap();
+
+        assert!(check_deployable(&profile("system"), &system_build).is_ok());
+        assert!(check_deployable(&profile("web"), &other_build).is_ok());
+        let refused = check_deployable(&profile("web"), &system_build).unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("use `--profile system`"),
+            "{refused:#}"
+        );
+        assert_eq!(crate::failure::exit_status(&refused), 1);
+        let refused = check_deployable(&profile("system"), &other_build).unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("is not a NixOS system"),
+            "{refused:#}"
+        );
+        // Half a system is no system.
+        std::fs::remove_file(system_path.join("nixos-version")).unwrap();
+        assert!(!is_system(&system_path));
+    }
+}

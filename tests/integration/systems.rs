@@ -1,0 +1,141 @@
+//! Whole NixOS hosts. The systems are NixOS-like, built by real Nix for each
+//! test: a `nixos-version`, a `bin/switch-to-configuration` that records its
+//! arguments (and can fail), and `kernel`, `initrd` and `kernel-modules`
+//! links to store paths of their own; published signed to the stand-in's
+//! cache and deployed by real passes to the profile `system`, with real
+//! generations.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::common::{JOB, Run, World, assert_exit, recording_activate};
+
+const SYSTEM: &str = "system";
+
+/// A NixOS-like system: its switch script comes from a file (`switch`), its
+/// boot files are store paths of their own, the same for the same `kernel`
+/// in one world (`world` tells worlds apart: each substitutes its own).
+const SYSTEM_NIX: &str = r#"
+{ label, kernel, world, nonce, switch }:
+let
+  drv = name: script: env: derivation ({
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/bin:/usr/bin";
+    args = [ "-c" ("set -eu\n" + script) ];
+  } // env);
+  boot = file: drv "${file}-${kernel}" "mkdir $out; echo ${kernel} > $out/${file}" { inherit world; };
+  bzImage = boot "bzImage";
+  initrd = boot "initrd";
+  modules = drv "kernel-modules-${kernel}" "mkdir -p $out/lib/modules/${kernel}" { inherit world; };
+in
+drv "nixos-system-${label}" ''
+  mkdir -p $out/bin
+  echo 26.05 > $out/nixos-version
+  printf '%s' "$switch" > $out/bin/switch-to-configuration
+  chmod +x $out/bin/switch-to-configuration
+  ln -s ${bzImage}/bzImage $out/kernel
+  ln -s ${initrd}/initrd $out/initrd
+  ln -s ${modules} $out/kernel-modules
+  printf '%s\n' "$nonce" > $out/nonce
+'' { switch = builtins.readFile switch; inherit nonce; }
+"#;
+
+/// Builds a system in the world's chroot store: its switch script records
+/// `switch system=LABEL op=OPERATION build=… previous=… profile=… cwd=…`,
+/// then runs `extra`. Returns its store path.
+fn build_system(world: &World, label: &str, kernel: &str, extra: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let expr = world.path("system.nix");
+    std::fs::write(&expr, SYSTEM_NIX).expect("write system.nix");
+    let switch = world.path(&format!("switch-{label}-{n}.sh"));
+    std::fs::write(
+        &switch,
+        format!(
+            "#!/bin/sh\n\
+             echo \"switch system={label} op=$1 build=$HAIL_BUILD_ID previous=$HAIL_PREVIOUS_STORE_PATH profile=$HAIL_PROFILE cwd=$(pwd)\" >> \"$HAIL_TEST_RECORD\"\n\
+             {extra}\n"
+        ),
+    )
+    .expect("write the switch script");
+    let nonce = format!(
+        "{}-{n}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    );
+    let outputs = world.cache.build_expr(&format!(
+        "import {} {{ label = \"{label}\"; kernel = \"{kernel}\"; world = \"{}\"; \
+         nonce = \"{nonce}\"; switch = {}; }}",
+        expr.display(),
+        world.tmp.path().display(),
+        switch.display()
+    ));
+    outputs.last().expect("nix-build prints the path").clone()
+}
+
+/// Builds a system, publishes it signed and makes it Hydra's latest build.
+fn publish_system(world: &World, label: &str, kernel: &str, extra: &str) -> (u64, String) {
+    let path = build_system(world, label, kernel, extra);
+    world.cache.publish(&path);
+    let id = world.hydra.add_build(JOB, &path, Some(0));
+    (id, path)
+}
+
+/// hail for the profile `system` of this world, with `extra` arguments.
+fn hail_system(world: &World, extra: &[&str]) -> Command {
+    let mut cmd = world.hail_for(SYSTEM, &world.hydra.job_uri(JOB));
+    cmd.args(extra);
+    cmd
+}
+
+fn system_pass(world: &World, extra: &[&str]) -> Run {
+    world.run(hail_system(world, extra))
+}
+
+fn system_target(world: &World) -> Option<String> {
+    world.profile_target_of(SYSTEM)
+}
+
+fn system_generations(world: &World) -> Vec<u64> {
+    world.generations_of(SYSTEM)
+}
+
+/// What the switch scripts recorded, one line per run.
+fn switches(world: &World) -> Vec<String> {
+    world.activations()
+}
+
+#[test]
+fn a_system_is_deployed_to_the_system_profile_only() {
+    let world = World::new();
+    let (_, a) = publish_system(&world, "a", "k1", "");
+
+    // To any other profile: refused before the profile exists, nothing run.
+    let run = world.pass(&[]);
+    assert_exit(&run, 1);
+    assert!(
+        run.error().contains("is a NixOS system") && run.error().contains("use `--profile system`"),
+        "{run:?}"
+    );
+    assert_eq!(world.profile_target(), None);
+    assert!(world.generations().is_empty(), "{:?}", world.generations());
+    assert!(switches(&world).is_empty(), "{:?}", switches(&world));
+
+    // To the profile system: a new generation.
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(system_generations(&world), [1]);
+
+    // Something that is not a system is refused for the profile system.
+    let plain = world.cache.build("plain", &recording_activate("plain", ""));
+    world.cache.publish(&plain);
+    world.hydra.add_build(JOB, &plain, Some(0));
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 1);
+    assert!(run.error().contains("is not a NixOS system"), "{run:?}");
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(system_generations(&world), [1]);
+}
