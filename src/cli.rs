@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::hydra::{JobUri, Selection};
 use crate::profile::ProfileName;
+use crate::system::Operation;
 
 const EXIT_STATUS: &str = "\
 Exit status:
@@ -239,6 +240,28 @@ pub struct PassArgs {
     /// Not supported: the original's polling loop is systemd's job now.
     #[arg(long, hide = true, value_name = "SECS", value_parser = reject_poll_period)]
     pub poll_period: Option<String>,
+
+    // Last: its help heading applies to the options after it.
+    #[command(flatten)]
+    pub nixos: NixosArgs,
+}
+
+/// How hail deploys a NixOS system (a build with nixos-version and
+/// bin/switch-to-configuration) to the profile `system`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "NixOS systems (--profile system)")]
+pub struct NixosArgs {
+    /// What the new system's bin/switch-to-configuration does: switch
+    /// (activate it now and make it the boot default) or boot (only the boot
+    /// default).
+    #[arg(
+        long,
+        env = "HAIL_NIXOS_OPERATION",
+        value_name = "OPERATION",
+        value_enum,
+        default_value = "switch"
+    )]
+    pub nixos_operation: Operation,
 }
 
 /// Where hail keeps its per-profile state and locks, and how long to wait for a lock.

@@ -169,6 +169,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 min_build_age: args.min_build_age,
                 keep_generations: args.keep_generations,
                 metrics_file: args.metrics_file,
+                nixos: system::Nixos {
+                    operation: args.nixos.nixos_operation,
+                },
             };
             pass.run()?;
         }

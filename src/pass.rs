@@ -20,7 +20,7 @@ use crate::state::{
     State, StateDir, Waiting,
 };
 use crate::store_path::{StoreDir, StorePath};
-use crate::system;
+use crate::system::{self, Nixos};
 
 pub struct Pass {
     pub hydra: hydra::Client,
@@ -42,6 +42,8 @@ pub struct Pass {
     /// After a successful deploy, keep only this many generations.
     pub keep_generations: Option<u64>,
     pub metrics_file: Option<PathBuf>,
+    /// How a NixOS system is deployed to the profile `system`.
+    pub nixos: Nixos,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -924,8 +926,9 @@ impl Pass {
         }
     }
 
-    /// Runs the profile's `bin/activate` with the environment every script
-    /// hail runs sees (its outcome is recorded under systemd; see `activate`).
+    /// Runs the profile's `bin/activate` (a system's: its
+    /// `switch-to-configuration`) with the environment every script hail
+    /// runs sees (its outcome is recorded under systemd; see `activate`).
     fn run_activate(
         &self,
         build_id: Option<u64>,
@@ -933,12 +936,22 @@ impl Pass {
         previous: &str,
     ) -> Result<Activation> {
         self.with_script_env(build_id, store_path, previous, |env| {
-            activate::run(
-                self.profile.path(),
-                &self.runner,
-                env,
-                self.activate_timeout,
-            )
+            if system::is_system_profile(&self.profile.name) {
+                self.nixos.switch(
+                    &self.profile,
+                    &self.store,
+                    &self.runner,
+                    env,
+                    self.activate_timeout,
+                )
+            } else {
+                activate::run(
+                    self.profile.path(),
+                    &self.runner,
+                    env,
+                    self.activate_timeout,
+                )
+            }
         })
         .failed_as(FailureKind::Activation)
     }
@@ -1064,6 +1077,14 @@ pub struct BootActivation {
 
 impl BootActivation {
     pub fn run(&self) -> Result<()> {
+        if system::is_system_profile(&self.profile.name) {
+            log::info!(
+                "profile {} holds NixOS systems, which NixOS activates itself at boot; \
+                 nothing to do",
+                self.profile.path().display()
+            );
+            return Ok(());
+        }
         let Some(current) = self.profile.current_target(&self.store)? else {
             log::info!(
                 "profile {} does not exist yet; nothing to activate",

@@ -1,18 +1,40 @@
 //! Whole NixOS hosts: a build whose output is a NixOS system goes only to the
 //! profile `system`, whose generations NixOS boots, and nothing else goes
-//! there.
+//! there; it is activated as `nixos-rebuild` does it, with its own
+//! `bin/switch-to-configuration`.
 
 use std::path::Path;
+use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 
+use crate::activate::{self, Activation, Runner};
 use crate::failure::{Failure, FailureKind};
-use crate::profile::ProfileName;
-use crate::store_path::StorePath;
+use crate::profile::{Profile, ProfileName};
+use crate::report;
+use crate::store_path::{StoreDir, StorePath};
 
 /// The one profile a NixOS system is deployed to (`/nix/var/nix/profiles/system`,
 /// whose generations NixOS boots).
 pub const SYSTEM_PROFILE: &str = "system";
+
+/// What `switch-to-configuration` does with the new system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Operation {
+    /// Activate it now and make it the boot default.
+    Switch,
+    /// Make it the boot default only: it runs from the next boot.
+    Boot,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Switch => "switch",
+            Self::Boot => "boot",
+        }
+    }
+}
 
 /// Whether the store path `path` is a NixOS system: it has `nixos-version`
 /// and `bin/switch-to-configuration`.
@@ -45,6 +67,44 @@ pub fn check_deployable(profile: &ProfileName, store_path: &StorePath) -> Result
         _ => return Ok(()),
     };
     Err(Failure::tagged(FailureKind::State, anyhow!(refusal)))
+}
+
+/// How hail deploys NixOS systems.
+#[derive(Debug, Clone)]
+pub struct Nixos {
+    /// `--nixos-operation`.
+    pub operation: Operation,
+}
+
+impl Nixos {
+    /// The activation of the system `profile` points to: its
+    /// `bin/switch-to-configuration`, run as activate is (see
+    /// [`activate::run_switch`]).
+    pub fn switch(
+        &self,
+        profile: &Profile,
+        store: &StoreDir,
+        runner: &Runner,
+        env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<Activation> {
+        let system = profile
+            .current_target(store)?
+            .with_context(|| format!("profile {} does not exist", profile.path().display()))?;
+        let operation = self.operation;
+        report::status(&format!(
+            "switch-to-configuration {} for {system}",
+            operation.as_str()
+        ));
+        activate::run_switch(
+            profile.path(),
+            &system,
+            operation.as_str(),
+            runner,
+            env,
+            timeout,
+        )
+    }
 }
 
 #[cfg(test)]

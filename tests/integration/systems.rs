@@ -107,10 +107,18 @@ fn switches(world: &World) -> Vec<String> {
     world.activations()
 }
 
+/// A world with system `a` (kernel `k1`) deployed to the profile `system`.
+fn deployed_a() -> (World, u64, String) {
+    let world = World::new();
+    let (id, a) = publish_system(&world, "a", "k1", "");
+    assert_exit(&system_pass(&world, &[]), 0);
+    (world, id, a)
+}
+
 #[test]
 fn a_system_is_deployed_to_the_system_profile_only() {
     let world = World::new();
-    let (_, a) = publish_system(&world, "a", "k1", "");
+    let (id_a, a) = publish_system(&world, "a", "k1", "");
 
     // To any other profile: refused before the profile exists, nothing run.
     let run = world.pass(&[]);
@@ -123,11 +131,17 @@ fn a_system_is_deployed_to_the_system_profile_only() {
     assert!(world.generations().is_empty(), "{:?}", world.generations());
     assert!(switches(&world).is_empty(), "{:?}", switches(&world));
 
-    // To the profile system: a new generation.
+    // To the profile system: a new generation, and its switch ran.
     let run = system_pass(&world, &[]);
     assert_exit(&run, 0);
     assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
     assert_eq!(system_generations(&world), [1]);
+    assert_eq!(
+        switches(&world),
+        [format!(
+            "switch system=a op=switch build={id_a} previous= profile=system cwd=/"
+        )]
+    );
 
     // Something that is not a system is refused for the profile system.
     let plain = world.cache.build("plain", &recording_activate("plain", ""));
@@ -138,4 +152,42 @@ fn a_system_is_deployed_to_the_system_profile_only() {
     assert!(run.error().contains("is not a NixOS system"), "{run:?}");
     assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
     assert_eq!(system_generations(&world), [1]);
+    assert_eq!(switches(&world).len(), 1);
+}
+
+#[test]
+fn a_system_is_switched_to_and_left_alone_at_boot() {
+    let (world, _, a) = deployed_a();
+    let (id_b, b) = publish_system(&world, "b", "k1", "");
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(b.as_str()));
+    assert_eq!(system_generations(&world), [1, 2]);
+    assert_eq!(
+        switches(&world).last().map(String::as_str),
+        Some(
+            format!("switch system=b op=switch build={id_b} previous={a} profile=system cwd=/")
+                .as_str()
+        )
+    );
+
+    // At boot NixOS activates the system itself: hail activate does nothing.
+    let run = world.run(world.boot_activation_for(SYSTEM));
+    assert_exit(&run, 0);
+    assert!(
+        run.stderr.contains("NixOS activates itself at boot"),
+        "{run:?}"
+    );
+    assert_eq!(switches(&world).len(), 2);
+
+    // --nixos-operation boot: only the boot default.
+    let (id_c, _) = publish_system(&world, "c", "k1", "");
+    assert_exit(&system_pass(&world, &["--nixos-operation", "boot"]), 0);
+    assert!(
+        switches(&world)
+            .last()
+            .is_some_and(|l| l.starts_with(&format!("switch system=c op=boot build={id_c} "))),
+        "{:?}",
+        switches(&world)
+    );
 }

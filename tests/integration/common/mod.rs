@@ -178,8 +178,13 @@ impl World {
 
     /// `hail activate` for the test profile, as hail-activate@web runs it.
     pub fn boot_activation(&self) -> Command {
+        self.boot_activation_for(PROFILE)
+    }
+
+    /// `hail activate` for `profile`.
+    pub fn boot_activation_for(&self, profile: &str) -> Command {
         let mut cmd = self.bare_hail();
-        cmd.args(["activate", "--profile", PROFILE, "--job-uri"])
+        cmd.args(["activate", "--profile", profile, "--job-uri"])
             .arg(self.hydra.job_uri(JOB))
             .arg("--profiles-dir")
             .arg(self.profiles_dir())
