@@ -754,11 +754,12 @@ impl Pass {
             ),
         );
         state.counters.rollbacks += 1;
+        let activation = self.nixos.activation_name(&self.profile.name);
         state.failed = Some(FailedBuild {
             build_id: build.id,
             store_path: build.out_path.to_string(),
             at: state::now(),
-            reason: format!("activate {}", failure.how),
+            reason: format!("{activation} {}", failure.how),
         });
         let deployed = state.deployed.take();
         let rollback = Rollback {
@@ -782,7 +783,7 @@ impl Pass {
             Some(build.id),
             build.out_path.as_str(),
             format!(
-                "build {} ({}) failed to activate: activate {}; {outcome}{}",
+                "build {} ({}) failed to activate: {activation} {}; {outcome}{}",
                 build.id,
                 build.out_path,
                 failure.how,
@@ -920,7 +921,8 @@ impl Pass {
                 Ok(format!("{back} and re-activated it"))
             }
             Activation::Failed(again) => Ok(format!(
-                "{back}, but re-activating it failed too: activate {}",
+                "{back}, but re-activating it failed too: {} {}",
+                self.nixos.activation_name(&self.profile.name),
                 again.how
             )),
         }

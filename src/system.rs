@@ -77,6 +77,16 @@ pub struct Nixos {
 }
 
 impl Nixos {
+    /// What activates a build in `profile`, for messages: `activate`, or
+    /// for a system `switch-to-configuration switch` (or `boot`).
+    pub fn activation_name(&self, profile: &ProfileName) -> String {
+        if is_system_profile(profile) {
+            format!("switch-to-configuration {}", self.operation.as_str())
+        } else {
+            "activate".to_owned()
+        }
+    }
+
     /// The activation of the system `profile` points to: its
     /// `bin/switch-to-configuration`, run as activate is (see
     /// [`activate::run_switch`]).
@@ -117,6 +127,16 @@ mod tests {
         std::fs::create_dir_all(dir.join("bin")).unwrap();
         std::fs::write(dir.join("nixos-version"), "26.05").unwrap();
         std::fs::write(dir.join("bin/switch-to-configuration"), "").unwrap();
+    }
+
+    #[test]
+    fn messages_name_what_activates() {
+        let boot = Nixos {
+            operation: Operation::Boot,
+        };
+        let name = |profile| boot.activation_name(&ProfileName::parse(profile).unwrap());
+        assert_eq!(name("system"), "switch-to-configuration boot");
+        assert_eq!(name("web"), "activate");
     }
 
     #[test]

@@ -8,7 +8,9 @@
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::common::{JOB, Run, World, assert_exit, recording_activate};
+use serde_json::{Value, json};
+
+use crate::common::{JOB, Run, World, assert_exit, read_existing, recording_activate};
 
 const SYSTEM: &str = "system";
 
@@ -107,6 +109,11 @@ fn switches(world: &World) -> Vec<String> {
     world.activations()
 }
 
+fn state(world: &World) -> Value {
+    let path = world.state_dir().join("system.json");
+    serde_json::from_str(&read_existing(&path)).expect("the state is JSON")
+}
+
 /// A world with system `a` (kernel `k1`) deployed to the profile `system`.
 fn deployed_a() -> (World, u64, String) {
     let world = World::new();
@@ -190,4 +197,45 @@ fn a_system_is_switched_to_and_left_alone_at_boot() {
         "{:?}",
         switches(&world)
     );
+}
+
+#[test]
+fn a_failed_switch_rolls_back_to_the_previous_system() {
+    let (world, _, a) = deployed_a();
+    let (id_b, b) = publish_system(
+        &world,
+        "b",
+        "k1",
+        "echo 'warning: the following units failed: web.service' >&2; exit 4",
+    );
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 3);
+    let error = run.error();
+    assert!(
+        error.contains(&format!(
+            "build {id_b} ({b}) failed to activate: switch-to-configuration switch exited with status 4"
+        )),
+        "{run:?}"
+    );
+    assert!(error.contains("rolled back to generation 1"), "{run:?}");
+    assert!(error.contains("web.service"), "{run:?}");
+    // Back at a, whose own switch ran again; b's generation is gone.
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(system_generations(&world), [1]);
+    let ran = switches(&world);
+    assert_eq!(ran.len(), 3, "{ran:?}");
+    assert!(ran[1].starts_with("switch system=b op=switch "), "{ran:?}");
+    assert!(
+        ran[2].starts_with("switch system=a op=switch ")
+            && ran[2].contains(&format!("previous={b} ")),
+        "{ran:?}"
+    );
+    assert_eq!(state(&world)["failed"]["build_id"], json!(id_b));
+
+    // The failed build is remembered: not switched to again.
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 3);
+    assert!(run.error().contains("--retry-failed"), "{run:?}");
+    assert_eq!(switches(&world).len(), 3);
+    assert_eq!(system_generations(&world), [1]);
 }
