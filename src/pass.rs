@@ -713,7 +713,11 @@ impl Pass {
                 report::status(&format!("deployed build {}", build.id));
                 Ok(outcome)
             }
-            Activation::Failed(failure) => Err(self.roll_back(state, build, failure)),
+            Activation::Failed(failure) => {
+                // Not left for the rollback's save to find and call stale.
+                drop(success);
+                Err(self.roll_back(state, build, failure))
+            }
         }
     }
 
