@@ -262,6 +262,11 @@ pub struct NixosArgs {
         default_value = "switch"
     )]
     pub nixos_operation: Operation,
+
+    /// After a switch, seconds hail keeps trying to reach Hydra (its
+    /// JOB/latest) before it rolls the switch back as failed; 0 does not check.
+    #[arg(long, env = "HAIL_CONFIRM_TIMEOUT", value_name = "SECS", value_parser = parse_seconds_or_off, default_value = "60")]
+    pub confirm_timeout: Duration,
 }
 
 /// Where hail keeps its per-profile state and locks, and how long to wait for a lock.
@@ -397,6 +402,14 @@ pub fn parse_seconds(text: &str) -> Result<Duration, String> {
                 MAX_DEADLINE.as_secs()
             )
         })
+}
+
+/// `--confirm-timeout`: like [`parse_seconds`], or `0`: off.
+fn parse_seconds_or_off(text: &str) -> Result<Duration, String> {
+    match text.trim().parse::<f64>() {
+        Ok(0.0) => Ok(Duration::ZERO),
+        _ => parse_seconds(text).map_err(|why| format!("{why} (or 0, to not check)")),
+    }
 }
 
 /// `--min-build-age`: a duration of at most [`MAX_BUILD_AGE`].
@@ -541,6 +554,11 @@ mod tests {
         assert_eq!(parse_seconds("1.5"), Ok(Duration::from_millis(1500)));
         for bad in ["0", "-1", "x", "inf", "NaN", ""] {
             assert!(parse_seconds(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_seconds_or_off("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_seconds_or_off("60"), Ok(Duration::from_secs(60)));
+        for bad in ["-1", "x", "90000"] {
+            assert!(parse_seconds_or_off(bad).is_err(), "{bad}");
         }
     }
 }

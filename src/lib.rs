@@ -171,6 +171,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 metrics_file: args.metrics_file,
                 nixos: system::Nixos {
                     operation: args.nixos.nixos_operation,
+                    confirm_timeout: args.nixos.confirm_timeout,
                 },
             };
             pass.run()?;

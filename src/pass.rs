@@ -691,6 +691,9 @@ impl Pass {
             .map(|p| p.store_path.clone())
             .unwrap_or_default();
         let activation = self.run_activate(Some(build.id), build.out_path.as_str(), &previous)?;
+        let activation = self
+            .nixos
+            .confirm(&self.profile.name, activation, &self.hydra, build);
         match activation {
             Activation::Succeeded | Activation::NoScript => {
                 let (level, note) = match activation {

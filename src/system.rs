@@ -1,15 +1,17 @@
 //! Whole NixOS hosts: a build whose output is a NixOS system goes only to the
 //! profile `system`, whose generations NixOS boots, and nothing else goes
 //! there; it is activated as `nixos-rebuild` does it, with its own
-//! `bin/switch-to-configuration`.
+//! `bin/switch-to-configuration`. After a switch hail makes sure the host
+//! can still reach Hydra, or the pass rolls back.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 
-use crate::activate::{self, Activation, Runner};
+use crate::activate::{self, Activation, ActivationFailure, Runner};
 use crate::failure::{Failure, FailureKind};
+use crate::hydra::{self, Build};
 use crate::profile::{Profile, ProfileName};
 use crate::report;
 use crate::store_path::{StoreDir, StorePath};
@@ -17,6 +19,9 @@ use crate::store_path::{StoreDir, StorePath};
 /// The one profile a NixOS system is deployed to (`/nix/var/nix/profiles/system`,
 /// whose generations NixOS boots).
 pub const SYSTEM_PROFILE: &str = "system";
+
+/// How long to wait between tries to reach Hydra after a switch.
+const CONFIRM_RETRY: Duration = Duration::from_secs(2);
 
 /// What `switch-to-configuration` does with the new system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -74,6 +79,9 @@ pub fn check_deployable(profile: &ProfileName, store_path: &StorePath) -> Result
 pub struct Nixos {
     /// `--nixos-operation`.
     pub operation: Operation,
+    /// After a switch, how long hail keeps trying to reach Hydra before it
+    /// rolls back; zero: it does not check.
+    pub confirm_timeout: Duration,
 }
 
 impl Nixos {
@@ -115,6 +123,58 @@ impl Nixos {
             timeout,
         )
     }
+
+    /// After a successful `switch` to `build`, whether the host can still
+    /// reach Hydra: the `JOB/latest` exchange, again until it succeeds or
+    /// `--confirm-timeout` runs out. A host the new system cut off is a
+    /// failed activation, rolled back like one. Anything else is `activation`
+    /// unchanged.
+    pub fn confirm(
+        &self,
+        profile: &ProfileName,
+        activation: Activation,
+        hydra: &hydra::Client,
+        build: &Build,
+    ) -> Activation {
+        let switched = is_system_profile(profile)
+            && matches!(activation, Activation::Succeeded)
+            && self.operation == Operation::Switch;
+        if !switched || self.confirm_timeout.is_zero() {
+            return activation;
+        }
+        let secs = self.confirm_timeout.as_secs_f64();
+        report::status(&format!(
+            "switched to build {}; checking that Hydra still answers (up to {secs} s)",
+            build.id
+        ));
+        let deadline = Instant::now() + self.confirm_timeout;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let err = match hydra.latest(Some(build.id)) {
+                Ok(_) => return activation,
+                Err(err) => err,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Activation::Failed(ActivationFailure {
+                    how: format!(
+                        "succeeded, but then hail could not reach Hydra for {secs} s ({tries} \
+                         tries; the last: {err:#}): the new system may have cut the host off"
+                    ),
+                    stderr_tail: None,
+                });
+            }
+            if tries == 1 {
+                log::warn!(
+                    "cannot reach Hydra after switching to build {} ({err:#}); trying again for \
+                     up to {secs} s before rolling back",
+                    build.id
+                );
+            }
+            std::thread::sleep(CONFIRM_RETRY.min(deadline - now));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -133,6 +193,7 @@ mod tests {
     fn messages_name_what_activates() {
         let boot = Nixos {
             operation: Operation::Boot,
+            confirm_timeout: Duration::from_secs(60),
         };
         let name = |profile| boot.activation_name(&ProfileName::parse(profile).unwrap());
         assert_eq!(name("system"), "switch-to-configuration boot");

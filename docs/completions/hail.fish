@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_hail_global_optspecs
-    string join \n profile= profiles-dir= activate-timeout= job-uri= netrc-file= state-dir= lock-timeout= timeout= nix-timeout= output= system= latest-finished wait-for-jobset min-build-age= keep-generations= metrics-file= dry-run retry-failed force oneshot poll-period= nixos-operation= h/help V/version
+    string join \n profile= profiles-dir= activate-timeout= job-uri= netrc-file= state-dir= lock-timeout= timeout= nix-timeout= output= system= latest-finished wait-for-jobset min-build-age= keep-generations= metrics-file= dry-run retry-failed force oneshot poll-period= nixos-operation= confirm-timeout= h/help V/version
 end
 
 function __fish_hail_needs_command
@@ -41,6 +41,7 @@ complete -c hail -n "__fish_hail_needs_command" -l metrics-file -d 'Write Promet
 complete -c hail -n "__fish_hail_needs_command" -l poll-period -d 'Not supported: the original\'s polling loop is systemd\'s job now' -r
 complete -c hail -n "__fish_hail_needs_command" -l nixos-operation -d 'What the new system\'s bin/switch-to-configuration does: switch (activate it now and make it the boot default) or boot (only the boot default)' -r -f -a "switch\t'Activate it now and make it the boot default'
 boot\t'Make it the boot default only: it runs from the next boot'"
+complete -c hail -n "__fish_hail_needs_command" -l confirm-timeout -d 'After a switch, seconds hail keeps trying to reach Hydra (its JOB/latest) before it rolls the switch back as failed; 0 does not check' -r
 complete -c hail -n "__fish_hail_needs_command" -l latest-finished -d 'Only builds from evaluations with no unfinished builds (Hydra\'s latest-finished)'
 complete -c hail -n "__fish_hail_needs_command" -l wait-for-jobset -d 'Only this job\'s build from the newest evaluation in which every build finished successfully (reads up to 3 pages of evaluations and the builds of up to 10)'
 complete -c hail -n "__fish_hail_needs_command" -l dry-run -d 'Ask Hydra and say what a pass would do now (deploy, or why it would hold, wait or refuse); change nothing'

@@ -7,9 +7,11 @@
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::common::hydra::Fault;
 use crate::common::{JOB, Run, World, assert_exit, read_existing, recording_activate};
 
 const SYSTEM: &str = "system";
@@ -238,4 +240,86 @@ fn a_failed_switch_rolls_back_to_the_previous_system() {
     assert!(run.error().contains("--retry-failed"), "{run:?}");
     assert_eq!(switches(&world).len(), 3);
     assert_eq!(system_generations(&world), [1]);
+}
+
+/// A switch script that, once it has switched, waits until the test has cut
+/// the host off from Hydra (`cut-LABEL` exists), as a new system with a
+/// broken network would.
+fn cuts_the_host_off(world: &World, label: &str) -> String {
+    format!(
+        "touch {switched}; i=0; while [ ! -e {cut} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+        switched = world.path(&format!("switched-{label}")).display(),
+        cut = world.path(&format!("cut-{label}")).display(),
+    )
+}
+
+/// Runs a pass whose switch to `label` waits in [`cuts_the_host_off`]:
+/// Hydra stops answering once the switch ran.
+fn pass_that_loses_hydra(world: &World, label: &str, extra: &[&str]) -> Run {
+    std::thread::scope(|scope| {
+        let pass = scope.spawn(|| system_pass(world, extra));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !world.path(&format!("switched-{label}")).exists() {
+            assert!(
+                !pass.is_finished() && Instant::now() < deadline,
+                "the switch to {label} never ran"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        world.hydra.fault("/latest", Fault::Close);
+        std::fs::write(world.path(&format!("cut-{label}")), "").expect("cut the host off");
+        pass.join().expect("the pass thread")
+    })
+}
+
+fn latest_requests(world: &World) -> usize {
+    world
+        .hydra
+        .api_requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/latest"))
+        .count()
+}
+
+#[test]
+fn a_host_cut_off_from_hydra_by_its_new_system_rolls_back() {
+    let (world, _, a) = deployed_a();
+    // That first deploy asked Hydra again after its switch.
+    assert_eq!(latest_requests(&world), 2);
+    let (id_b, b) = publish_system(&world, "b", "k1", &cuts_the_host_off(&world, "b"));
+    let run = pass_that_loses_hydra(&world, "b", &["--confirm-timeout", "3"]);
+    assert_exit(&run, 3);
+    let error = run.error();
+    assert!(
+        error.contains(&format!(
+            "build {id_b} ({b}) failed to activate: switch-to-configuration switch succeeded, \
+             but then hail could not reach Hydra for 3 s"
+        )),
+        "{run:?}"
+    );
+    assert!(error.contains("rolled back to generation 1"), "{run:?}");
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(system_generations(&world), [1]);
+    let ran = switches(&world);
+    assert!(
+        ran.last()
+            .is_some_and(|l| l.starts_with("switch system=a op=switch ")
+                && l.contains(&format!("previous={b} "))),
+        "{ran:?}"
+    );
+
+    // Hydra answers again: b is remembered as failed, not switched to again.
+    world.hydra.clear_faults();
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 3);
+    assert!(run.error().contains("failed to activate"), "{run:?}");
+    assert_eq!(switches(&world).len(), ran.len());
+
+    // --confirm-timeout 0: no check after the switch, so the same loss is no failure.
+    let (_, c) = publish_system(&world, "c", "k1", &cuts_the_host_off(&world, "c"));
+    let asked = latest_requests(&world);
+    let run = pass_that_loses_hydra(&world, "c", &["--confirm-timeout", "0"]);
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(c.as_str()));
+    assert_eq!(latest_requests(&world), asked + 1, "Hydra was asked again");
 }
