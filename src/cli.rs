@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::hydra::{JobUri, Selection};
 use crate::profile::ProfileName;
-use crate::system::Operation;
+use crate::system::{Operation, RebootWindow};
 
 const EXIT_STATUS: &str = "\
 Exit status:
@@ -253,7 +253,8 @@ pub struct PassArgs {
 pub struct NixosArgs {
     /// What the new system's bin/switch-to-configuration does: switch
     /// (activate it now and make it the boot default) or boot (only the boot
-    /// default).
+    /// default). With --allow-reboot: boot when the system needs a reboot,
+    /// switch otherwise.
     #[arg(
         long,
         env = "HAIL_NIXOS_OPERATION",
@@ -267,6 +268,18 @@ pub struct NixosArgs {
     /// JOB/latest) before it rolls the switch back as failed; 0 does not check.
     #[arg(long, env = "HAIL_CONFIRM_TIMEOUT", value_name = "SECS", value_parser = parse_seconds_or_off, default_value = "60")]
     pub confirm_timeout: Duration,
+
+    /// When the new system's kernel, initrd or kernel modules differ from the
+    /// booted system's, make it the boot default (switch-to-configuration
+    /// boot) and reboot (systemctl reboot); otherwise switch. Without it hail
+    /// always uses --nixos-operation and reports "reboot required".
+    #[arg(long, env = "HAIL_ALLOW_REBOOT")]
+    pub allow_reboot: bool,
+
+    /// Reboot only between these local times (e.g. 02:00-04:30; may wrap
+    /// midnight); outside it the reboot stays pending for a later pass.
+    #[arg(long, env = "HAIL_REBOOT_WINDOW", value_name = "HH:MM-HH:MM", value_parser = RebootWindow::parse, requires = "allow_reboot")]
+    pub reboot_window: Option<RebootWindow>,
 }
 
 /// Where hail keeps its per-profile state and locks, and how long to wait for a lock.

@@ -172,6 +172,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 nixos: system::Nixos {
                     operation: args.nixos.nixos_operation,
                     confirm_timeout: args.nixos.confirm_timeout,
+                    allow_reboot: args.nixos.allow_reboot,
+                    reboot_window: args.nixos.reboot_window,
+                    booted: system::Nixos::booted_system_from_env(),
                 },
             };
             pass.run()?;

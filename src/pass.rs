@@ -115,6 +115,9 @@ impl Pass {
             state.waiting = None;
         }
         self.record(&mut state, &result, latest);
+        let reboot_into =
+            self.nixos
+                .note_reboot(&self.profile, &self.store, &mut state, result.is_ok());
 
         let saved =
             self.state
@@ -136,6 +139,9 @@ impl Pass {
                 ),
                 Ok(_) => return Err(err),
             }
+        }
+        if let Some(system) = reboot_into {
+            system::reboot(&system);
         }
         result
     }
@@ -761,7 +767,7 @@ impl Pass {
             ),
         );
         state.counters.rollbacks += 1;
-        let activation = self.nixos.activation_name(&self.profile.name);
+        let activation = self.activation_name(build.out_path.as_str());
         state.failed = Some(FailedBuild {
             build_id: build.id,
             store_path: build.out_path.to_string(),
@@ -929,7 +935,7 @@ impl Pass {
             }
             Activation::Failed(again) => Ok(format!(
                 "{back}, but re-activating it failed too: {} {}",
-                self.nixos.activation_name(&self.profile.name),
+                self.activation_name(&previous.store_path),
                 again.how
             )),
         }
@@ -963,6 +969,11 @@ impl Pass {
             }
         })
         .failed_as(FailureKind::Activation)
+    }
+
+    /// What activates `store_path` in this profile, for messages.
+    fn activation_name(&self, store_path: &str) -> String {
+        self.nixos.activation_name(&self.profile.name, store_path)
     }
 
     /// Runs a build's `bin/deactivate` with the same environment.

@@ -3,8 +3,9 @@
 //! arguments (and can fail), and `kernel`, `initrd` and `kernel-modules`
 //! links to store paths of their own; published signed to the stand-in's
 //! cache and deployed by real passes to the profile `system`, with real
-//! generations.
+//! generations. A fake `systemctl` first on PATH records a reboot.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,7 +13,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::hydra::Fault;
-use crate::common::{JOB, Run, World, assert_exit, read_existing, recording_activate};
+use crate::common::{
+    JOB, Run, World, assert_exit, read_existing, read_if_exists, recording_activate,
+};
+use crate::observe::parse_prometheus;
 
 const SYSTEM: &str = "system";
 
@@ -114,6 +118,14 @@ fn switches(world: &World) -> Vec<String> {
 fn state(world: &World) -> Value {
     let path = world.state_dir().join("system.json");
     serde_json::from_str(&read_existing(&path)).expect("the state is JSON")
+}
+
+fn status_table(world: &World) -> String {
+    let mut cmd = world.bare_hail();
+    cmd.arg("status").arg("--state-dir").arg(world.state_dir());
+    let run = world.run(cmd);
+    assert_exit(&run, 0);
+    run.stdout
 }
 
 /// A world with system `a` (kernel `k1`) deployed to the profile `system`.
@@ -322,4 +334,185 @@ fn a_host_cut_off_from_hydra_by_its_new_system_rolls_back() {
     assert_exit(&run, 0);
     assert_eq!(system_target(&world).as_deref(), Some(c.as_str()));
     assert_eq!(latest_requests(&world), asked + 1, "Hydra was asked again");
+}
+
+/// A fake `systemctl` first on PATH, recording its arguments; returns the
+/// PATH to run hail with and the file it records to.
+fn fake_systemctl(world: &World) -> (std::ffi::OsString, PathBuf) {
+    let bin = world.path("fake-bin");
+    std::fs::create_dir_all(&bin).expect("fake bin dir");
+    let log = world.path("systemctl.log");
+    let systemctl = bin.join("systemctl");
+    std::fs::write(
+        &systemctl,
+        format!("#!/bin/sh\necho \"$*\" >> {}\n", log.display()),
+    )
+    .expect("write the fake systemctl");
+    std::fs::set_permissions(
+        &systemctl,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("make it executable");
+    let path = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(
+        &std::env::var_os("PATH").expect("PATH is set"),
+    )))
+    .expect("a PATH");
+    (path, log)
+}
+
+/// The local time as `date` says, in minutes after midnight.
+fn local_minute() -> u16 {
+    let output = Command::new("date").arg("+%H:%M").output().expect("date");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (h, m) = text.trim().split_once(':').expect("HH:MM");
+    h.parse::<u16>().expect("hours") * 60 + m.parse::<u16>().expect("minutes")
+}
+
+/// A window from `from` to `to` minutes after now (either may be negative).
+fn window(from: i32, to: i32) -> String {
+    let now = i32::from(local_minute());
+    let time = |offset: i32| {
+        let m = (now + offset).rem_euclid(24 * 60);
+        format!("{:02}:{:02}", m / 60, m % 60)
+    };
+    format!("{}-{}", time(from), time(to))
+}
+
+/// A pass on the profile system with the fake systemctl, booted into `booted`.
+fn pass_booted(world: &World, path: &std::ffi::OsStr, booted: &str, extra: &[&str]) -> Run {
+    let mut cmd = hail_system(world, extra);
+    cmd.env("PATH", path).env("HAIL_BOOTED_SYSTEM", booted);
+    world.run(cmd)
+}
+
+/// The value of the metric `name` for the profile system, from valid Prometheus text.
+fn metric(metrics: &Path, name: &str) -> Option<f64> {
+    parse_prometheus(&read_existing(metrics), SYSTEM)
+        .get(&format!("{name}{{profile=\"system\"}}"))
+        .copied()
+}
+
+#[test]
+fn a_new_kernel_is_booted_into_inside_the_reboot_window_only() {
+    let (world, _, a) = deployed_a();
+    let (path, rebooted) = fake_systemctl(&world);
+    let metrics = world.path("system.prom");
+    let metrics_arg = metrics.to_str().expect("a UTF-8 path");
+    let (id_b, b) = publish_system(&world, "b", "k2", "");
+
+    // Outside the window: b becomes the boot default, the reboot waits.
+    let outside = window(60, 120);
+    let run = pass_booted(
+        &world,
+        &path,
+        &a,
+        &[
+            "--allow-reboot",
+            "--reboot-window",
+            &outside,
+            "--metrics-file",
+            metrics_arg,
+        ],
+    );
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(b.as_str()));
+    assert!(
+        switches(&world)
+            .last()
+            .is_some_and(|l| l.starts_with(&format!("switch system=b op=boot build={id_b} "))),
+        "{:?}",
+        switches(&world)
+    );
+    assert_eq!(
+        read_if_exists(&rebooted),
+        None,
+        "rebooted outside the window"
+    );
+    assert!(run.stderr.contains("reboot pending"), "{run:?}");
+    let reboot = &state(&world)["reboot"];
+    assert_eq!(reboot["store_path"], json!(b));
+    assert_eq!(reboot["by_hail"], json!(true));
+    assert_eq!(reboot["requested"], Value::Null);
+    let table = status_table(&world);
+    assert!(
+        table.contains("reboot pending since")
+            && table.contains(&format!("hail reboots the host inside {outside}")),
+        "{table}"
+    );
+    assert_eq!(metric(&metrics, "hail_reboot_pending"), Some(1.0));
+    assert_eq!(metric(&metrics, "hail_reboot_required"), Some(1.0));
+
+    // A later pass inside the window reboots, switching nothing.
+    let inside = window(-5, 5);
+    let run = pass_booted(
+        &world,
+        &path,
+        &a,
+        &["--allow-reboot", "--reboot-window", &inside],
+    );
+    assert_exit(&run, 0);
+    assert_eq!(
+        read_if_exists(&rebooted).as_deref(),
+        Some("reboot\n"),
+        "{run:?}"
+    );
+    assert_eq!(switches(&world).len(), 2);
+    assert!(state(&world)["reboot"]["requested"]["at"].is_u64());
+
+    // Booted into b: nothing pending any more, no second reboot.
+    let run = pass_booted(
+        &world,
+        &path,
+        &b,
+        &["--allow-reboot", "--metrics-file", metrics_arg],
+    );
+    assert_exit(&run, 0);
+    assert_eq!(state(&world)["reboot"], Value::Null);
+    assert_eq!(read_if_exists(&rebooted).as_deref(), Some("reboot\n"));
+    assert_eq!(metric(&metrics, "hail_reboot_required"), Some(0.0));
+}
+
+#[test]
+fn without_allow_reboot_a_new_kernel_is_switched_to_and_reported() {
+    let (world, _, a) = deployed_a();
+    let (path, rebooted) = fake_systemctl(&world);
+    let metrics = world.path("system.prom");
+    let metrics_arg = metrics.to_str().expect("a UTF-8 path");
+    let (_, b) = publish_system(&world, "b", "k2", "");
+    let run = pass_booted(&world, &path, &a, &["--metrics-file", metrics_arg]);
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(b.as_str()));
+    assert!(
+        switches(&world)
+            .last()
+            .is_some_and(|l| l.starts_with("switch system=b op=switch ")),
+        "{:?}",
+        switches(&world)
+    );
+    assert!(run.stderr.contains("reboot required"), "{run:?}");
+    assert_eq!(read_if_exists(&rebooted), None);
+    assert_eq!(state(&world)["reboot"]["by_hail"], json!(false));
+    assert!(
+        status_table(&world).contains("reboot required since"),
+        "{}",
+        status_table(&world)
+    );
+    assert_eq!(metric(&metrics, "hail_reboot_required"), Some(1.0));
+    assert_eq!(metric(&metrics, "hail_reboot_pending"), Some(0.0));
+
+    // With --allow-reboot, a system with the booted kernel is switched to
+    // (no reboot), and nothing is required any more.
+    let (_, c) = publish_system(&world, "c", "k1", "");
+    let run = pass_booted(&world, &path, &a, &["--allow-reboot"]);
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(c.as_str()));
+    assert!(
+        switches(&world)
+            .last()
+            .is_some_and(|l| l.starts_with("switch system=c op=switch ")),
+        "{:?}",
+        switches(&world)
+    );
+    assert_eq!(read_if_exists(&rebooted), None);
+    assert_eq!(state(&world)["reboot"], Value::Null);
 }
