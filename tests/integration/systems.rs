@@ -5,9 +5,10 @@
 //! cache and deployed by real passes to the profile `system`, with real
 //! generations. A fake `systemctl` first on PATH records a reboot.
 
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -515,4 +516,73 @@ fn without_allow_reboot_a_new_kernel_is_switched_to_and_reported() {
     );
     assert_eq!(read_if_exists(&rebooted), None);
     assert_eq!(state(&world)["reboot"], Value::Null);
+}
+
+/// Runs `cmd` with NOTIFY_SOCKET set to a socket of the test's, read as
+/// systemd reads it, while it runs (a full socket would block the sender);
+/// returns the run and every `STATUS=` hail sent.
+fn run_with_status(world: &World, mut cmd: Command) -> (Run, Vec<String>) {
+    let dir = tempfile::tempdir().expect("socket dir");
+    let socket_path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("a read timeout");
+    cmd.env("NOTIFY_SOCKET", &socket_path);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let mut statuses = Vec::new();
+            let mut buf = vec![0; 65536];
+            loop {
+                match socket.recv(&mut buf) {
+                    Ok(n) => statuses.extend(
+                        String::from_utf8_lossy(&buf[..n])
+                            .lines()
+                            .filter_map(|l| l.strip_prefix("STATUS="))
+                            .map(str::to_owned),
+                    ),
+                    Err(_) if done.load(Ordering::SeqCst) => return statuses,
+                    Err(_) => {}
+                }
+            }
+        });
+        let run = world.run(cmd);
+        done.store(true, Ordering::SeqCst);
+        (run, reader.join().expect("the notify reader"))
+    })
+}
+
+#[test]
+fn substitution_progress_is_shown_for_systems_and_profiles() {
+    let world = World::new();
+    let (_, a) = publish_system(&world, "a", "k1", "");
+    let (run, statuses) = run_with_status(&world, hail_system(&world, &[]));
+    assert_exit(&run, 0);
+    // The system, its kernel, initrd and modules.
+    let copying: Vec<&String> = statuses
+        .iter()
+        .filter(|s| s.starts_with(&format!("realising {a}: copying path ")))
+        .collect();
+    assert_eq!(copying.len(), 4, "{statuses:?}");
+    assert!(
+        copying[3].contains("copying path 4 of 4 (") && copying[3].contains(" MiB download"),
+        "{statuses:?}"
+    );
+    assert!(
+        run.stderr
+            .contains(&format!("realised {a}: fetched 4 path(s) (")),
+        "{run:?}"
+    );
+
+    let (_, web) = world.publish("web");
+    let (run, statuses) = run_with_status(&world, world.hail());
+    assert_exit(&run, 0);
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s.starts_with(&format!("realising {web}: copying path 1 of 1 ("))),
+        "{statuses:?}"
+    );
+    assert!(run.stderr.contains("fetched 1 path(s)"), "{run:?}");
 }
