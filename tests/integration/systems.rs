@@ -586,3 +586,61 @@ fn substitution_progress_is_shown_for_systems_and_profiles() {
     );
     assert!(run.stderr.contains("fetched 1 path(s)"), "{run:?}");
 }
+
+#[test]
+fn holds_dry_runs_build_ages_and_pruning_work_for_systems() {
+    let (world, _, a) = deployed_a();
+    let (id_b, _) = publish_system(&world, "b", "k1", "");
+    assert_exit(&system_pass(&world, &[]), 0);
+
+    // An operator rolls the system back: hail holds, switching nothing.
+    crate::common::cache::run(
+        Command::new("nix-env")
+            .arg("-p")
+            .arg(world.profiles_dir().join(SYSTEM))
+            .arg("--rollback"),
+    );
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 0);
+    assert!(run.stderr.contains("holding"), "{run:?}");
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(switches(&world).len(), 2);
+    assert_eq!(state(&world)["held"]["build_id"], json!(id_b));
+
+    // A newer build, too young: a dry run says what would happen, a pass waits.
+    let (id_c, c) = publish_system(&world, "c", "k1", "");
+    let run = system_pass(&world, &["--dry-run"]);
+    assert_exit(&run, 0);
+    assert!(
+        run.stdout
+            .contains(&format!("would deploy build {id_c} {c}")),
+        "{run:?}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    world.hydra.set_stoptime(id_c, now - 60);
+    let run = system_pass(&world, &["--min-build-age", "1h"]);
+    assert_exit(&run, 0);
+    assert!(run.stderr.contains("eligible at"), "{run:?}");
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(switches(&world).len(), 2);
+
+    // Old enough: deployed, and the old generations pruned.
+    world.hydra.set_stoptime(id_c, now - 7200);
+    let run = system_pass(
+        &world,
+        &["--min-build-age", "1h", "--keep-generations", "1"],
+    );
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(c.as_str()));
+    assert_eq!(system_generations(&world), [3]);
+    assert!(
+        switches(&world).last().is_some_and(|l| l
+            .starts_with(&format!("switch system=c op=switch build={id_c} "))
+            && l.contains(&format!("previous={a} "))),
+        "{:?}",
+        switches(&world)
+    );
+}
