@@ -291,7 +291,11 @@ impl Nixos {
                     Level::Warn,
                     message_id::REBOOT,
                     About {
-                        build_id: state.deployed.as_ref().and_then(|d| d.build_id),
+                        build_id: state
+                            .deployed
+                            .as_ref()
+                            .filter(|d| d.store_path == system)
+                            .and_then(|d| d.build_id),
                         store_path: Some(&system),
                     },
                     format_args!(
@@ -341,9 +345,7 @@ impl Nixos {
 /// Who reboots the host, for messages.
 fn who_reboots(reboot: &Reboot) -> String {
     match (&reboot.window, reboot.by_hail) {
-        (_, false) => "it runs from the next boot; reboot the host (hail does with \
-                       --allow-reboot)"
-            .to_owned(),
+        (_, false) => "reboot the host to run them (hail does with --allow-reboot)".to_owned(),
         (None, true) => "hail reboots the host".to_owned(),
         (Some(window), true) => format!("hail reboots the host inside the window {window}"),
     }

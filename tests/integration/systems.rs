@@ -490,7 +490,13 @@ fn without_allow_reboot_a_new_kernel_is_switched_to_and_reported() {
         "{:?}",
         switches(&world)
     );
-    assert!(run.stderr.contains("reboot required"), "{run:?}");
+    assert!(
+        run.stderr.contains(&format!(
+            "reboot required: the kernel, initrd or kernel modules of {b} are not the booted \
+             system's ({a}); reboot the host to run them"
+        )),
+        "{run:?}"
+    );
     assert_eq!(read_if_exists(&rebooted), None);
     assert_eq!(state(&world)["reboot"]["by_hail"], json!(false));
     assert!(
