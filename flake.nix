@@ -68,6 +68,7 @@
             "observe"
             "systemd"
             "services"
+            "systems"
             "nixos"
             "nixlib"
             "units"

@@ -133,6 +133,30 @@ pub fn run(
 ) -> Result<Activation> {
     execute(
         &profile.join("bin/activate"),
+        &[],
+        Some(profile),
+        runner,
+        env,
+        timeout,
+    )
+}
+
+/// The activation of a NixOS system: `SYSTEM/bin/switch-to-configuration
+/// OPERATION` (`switch`, `boot`), run as [`run`] runs activate (the same
+/// environment, deadline, process group or transient unit), its outcome
+/// recorded for the system `profile` points to. A switch may restart any
+/// unit, hail's own included: the transient unit is what lets it finish.
+pub fn run_switch(
+    profile: &Path,
+    system: &StorePath,
+    operation: &str,
+    runner: &Runner,
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<Activation> {
+    execute(
+        &system.as_path().join("bin/switch-to-configuration"),
+        &[operation],
         Some(profile),
         runner,
         env,
@@ -148,13 +172,14 @@ pub fn run_script(
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<Activation> {
-    execute(script, None, runner, env, timeout)
+    execute(script, &[], None, runner, env, timeout)
 }
 
-/// Runs `script`; under a transient unit with a recorder, records its
+/// Runs `script ARGS…`; under a transient unit with a recorder, records its
 /// outcome for the store path behind `recorded_profile`, if given.
 fn execute(
     script: &Path,
+    args: &[&str],
     recorded_profile: Option<&Path>,
     runner: &Runner,
     env: &[(&str, &str)],
@@ -166,7 +191,7 @@ fn execute(
     let unit = match runner {
         Runner::Direct => {
             let finished =
-                process::run_bounded(activate_command(script, env), timeout, Echo::Both)?;
+                process::run_bounded(activate_command(script, args, env), timeout, Echo::Both)?;
             return Ok(outcome(&finished, Vec::new()));
         }
         Runner::TransientUnit(unit) => unit,
@@ -191,6 +216,7 @@ fn execute(
     let cmd = systemd_run_command(
         &unit.name,
         script,
+        args,
         env,
         inherited_env(),
         timeout,
@@ -229,12 +255,12 @@ fn outcome(finished: &process::Finished, more: Vec<String>) -> Activation {
     })
 }
 
-/// The activate command: `/` as working directory so it never depends on
-/// where hail was started, and `env` added to hail's environment. The runner
-/// gives it its own process group and closes stdin.
-pub fn activate_command(script: &Path, env: &[(&str, &str)]) -> Command {
+/// The activate command, `script ARGS…`: `/` as working directory so it
+/// never depends on where hail was started, and `env` added to hail's
+/// environment. The runner gives it its own process group and closes stdin.
+pub fn activate_command(script: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(script);
-    cmd.current_dir("/").envs(env.iter().copied());
+    cmd.args(args).current_dir("/").envs(env.iter().copied());
     cmd
 }
 
@@ -245,6 +271,7 @@ pub fn activate_command(script: &Path, env: &[(&str, &str)]) -> Command {
 pub fn systemd_run_command(
     unit: &str,
     script: &Path,
+    args: &[&str],
     env: &[(&str, &str)],
     inherit: impl IntoIterator<Item = String>,
     timeout: Duration,
@@ -273,7 +300,8 @@ pub fn systemd_run_command(
         .args(inherit.into_iter().map(|name| format!("--setenv={name}")))
         .args(env.iter().map(|(k, v)| format!("--setenv={k}={v}")))
         .arg("--")
-        .arg(script);
+        .arg(script)
+        .args(args);
     cmd
 }
 
@@ -629,6 +657,7 @@ mod tests {
         let cmd = systemd_run_command(
             "hail-activation-web.service",
             Path::new("/p/web/bin/activate"),
+            &[],
             &[("HAIL_BUILD_ID", "4"), ("HAIL_PREVIOUS_STORE_PATH", "")],
             ["PATH".to_string()],
             Duration::from_secs(600),
@@ -663,11 +692,45 @@ mod tests {
             "u.service",
             Path::new("/s"),
             &[],
+            &[],
             [],
             Duration::from_secs(1),
             None,
         );
         assert!(!argv(&without).iter().any(|a| a.contains("ExecStopPost")));
+    }
+
+    #[test]
+    fn a_switch_runs_the_systems_own_script_with_its_operation() {
+        let script = store_path().as_path().join("bin/switch-to-configuration");
+        let env = [("HAIL_PROFILE", "system")];
+        let direct = activate_command(&script, &["boot"], &env);
+        assert_eq!(
+            argv(&direct),
+            [
+                format!("{STORE_PATH}/bin/switch-to-configuration"),
+                "boot".into()
+            ]
+        );
+        assert_eq!(direct.get_current_dir(), Some(Path::new("/")));
+        let unit = systemd_run_command(
+            "hail-activation-system.service",
+            &script,
+            &["switch"],
+            &env,
+            [],
+            Duration::from_secs(600),
+            None,
+        );
+        assert_eq!(
+            argv(&unit)[argv(&unit).len() - 4..],
+            [
+                "--setenv=HAIL_PROFILE=system".to_owned(),
+                "--".into(),
+                format!("{STORE_PATH}/bin/switch-to-configuration"),
+                "switch".into(),
+            ]
+        );
     }
 
     #[test]

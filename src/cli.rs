@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::hydra::{JobUri, Selection};
 use crate::profile::ProfileName;
+use crate::system::{Operation, RebootWindow};
 
 const EXIT_STATUS: &str = "\
 Exit status:
@@ -189,9 +190,9 @@ pub struct PassArgs {
     #[arg(long, env = "HAIL_TIMEOUT", value_name = "SECS", value_parser = parse_seconds)]
     pub timeout: Option<Duration>,
 
-    /// Seconds each nix-env call (realising the build, rolling back, deleting
-    /// generations) may take before its process group is ended: a stuck
-    /// substitution must not hold the profile lock forever.
+    /// Seconds each nix call (realising the build, switching the profile,
+    /// rolling back, deleting generations) may take before its process group
+    /// is ended: a stuck substitution must not hold the profile lock forever.
     #[arg(long, env = "HAIL_NIX_TIMEOUT", value_name = "SECS", value_parser = parse_seconds, default_value = "1800")]
     pub nix_timeout: Duration,
 
@@ -239,6 +240,46 @@ pub struct PassArgs {
     /// Not supported: the original's polling loop is systemd's job now.
     #[arg(long, hide = true, value_name = "SECS", value_parser = reject_poll_period)]
     pub poll_period: Option<String>,
+
+    // Last: its help heading applies to the options after it.
+    #[command(flatten)]
+    pub nixos: NixosArgs,
+}
+
+/// How hail deploys a NixOS system (a build with nixos-version and
+/// bin/switch-to-configuration) to the profile `system`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "NixOS systems (--profile system)")]
+pub struct NixosArgs {
+    /// What the new system's bin/switch-to-configuration does: switch
+    /// (activate it now and make it the boot default) or boot (only the boot
+    /// default). With --allow-reboot: boot when the system needs a reboot,
+    /// switch otherwise.
+    #[arg(
+        long,
+        env = "HAIL_NIXOS_OPERATION",
+        value_name = "OPERATION",
+        value_enum,
+        default_value = "switch"
+    )]
+    pub nixos_operation: Operation,
+
+    /// After a switch, seconds hail keeps trying to reach Hydra (its
+    /// JOB/latest) before it rolls the switch back as failed; 0 does not check.
+    #[arg(long, env = "HAIL_CONFIRM_TIMEOUT", value_name = "SECS", value_parser = parse_seconds_or_off, default_value = "60")]
+    pub confirm_timeout: Duration,
+
+    /// When the new system's kernel, initrd or kernel modules differ from the
+    /// booted system's, make it the boot default (switch-to-configuration
+    /// boot) and reboot (systemctl reboot); otherwise switch. Without it hail
+    /// always uses --nixos-operation and reports "reboot required".
+    #[arg(long, env = "HAIL_ALLOW_REBOOT")]
+    pub allow_reboot: bool,
+
+    /// Reboot only between these local times (e.g. 02:00-04:30; may wrap
+    /// midnight); outside it the reboot stays pending for a later pass.
+    #[arg(long, env = "HAIL_REBOOT_WINDOW", value_name = "HH:MM-HH:MM", value_parser = RebootWindow::parse, requires = "allow_reboot")]
+    pub reboot_window: Option<RebootWindow>,
 }
 
 /// Where hail keeps its per-profile state and locks, and how long to wait for a lock.
@@ -375,6 +416,14 @@ pub fn parse_seconds(text: &str) -> Result<Duration, String> {
                 MAX_DEADLINE.as_secs()
             )
         })
+}
+
+/// `--confirm-timeout`: like [`parse_seconds`], or `0`: off.
+fn parse_seconds_or_off(text: &str) -> Result<Duration, String> {
+    match text.trim().parse::<f64>() {
+        Ok(0.0) => Ok(Duration::ZERO),
+        _ => parse_seconds(text).map_err(|why| format!("{why} (or 0, to not check)")),
+    }
 }
 
 /// `--min-build-age`: a duration of at most [`MAX_BUILD_AGE`].
@@ -519,6 +568,11 @@ mod tests {
         assert_eq!(parse_seconds("1.5"), Ok(Duration::from_millis(1500)));
         for bad in ["0", "-1", "x", "inf", "NaN", ""] {
             assert!(parse_seconds(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_seconds_or_off("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_seconds_or_off("60"), Ok(Duration::from_secs(60)));
+        for bad in ["-1", "x", "90000"] {
+            assert!(parse_seconds_or_off(bad).is_err(), "{bad}");
         }
     }
 }

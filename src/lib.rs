@@ -16,6 +16,7 @@ pub mod service;
 pub mod state;
 pub mod status;
 pub mod store_path;
+pub mod system;
 
 use std::process::ExitCode;
 
@@ -168,6 +169,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 min_build_age: args.min_build_age,
                 keep_generations: args.keep_generations,
                 metrics_file: args.metrics_file,
+                nixos: system::Nixos {
+                    operation: args.nixos.nixos_operation,
+                    confirm_timeout: args.nixos.confirm_timeout,
+                    allow_reboot: args.nixos.allow_reboot,
+                    reboot_window: args.nixos.reboot_window,
+                    booted: system::Nixos::booted_system_from_env(),
+                },
             };
             pass.run()?;
         }

@@ -65,6 +65,16 @@ pub fn render(profile: &ProfileName, state: &State) -> String {
         "A build whose activation failed and is not retried (0: none).",
         state.failed.as_ref().map_or(0, |f| f.build_id),
     );
+    gauge(
+        "hail_reboot_required",
+        "1 while the NixOS system deployed needs a reboot to run its kernel, initrd or modules.",
+        u64::from(state.reboot.is_some()),
+    );
+    gauge(
+        "hail_reboot_pending",
+        "1 while hail is to carry that reboot out itself (--allow-reboot).",
+        u64::from(state.reboot.as_ref().is_some_and(|r| r.by_hail)),
+    );
     let counters = &state.counters;
     let _ = writeln!(
         out,

@@ -20,6 +20,7 @@ use crate::state::{
     State, StateDir, Waiting,
 };
 use crate::store_path::{StoreDir, StorePath};
+use crate::system::{self, Nixos};
 
 pub struct Pass {
     pub hydra: hydra::Client,
@@ -41,6 +42,8 @@ pub struct Pass {
     /// After a successful deploy, keep only this many generations.
     pub keep_generations: Option<u64>,
     pub metrics_file: Option<PathBuf>,
+    /// How a NixOS system is deployed to the profile `system`.
+    pub nixos: Nixos,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +115,9 @@ impl Pass {
             state.waiting = None;
         }
         self.record(&mut state, &result, latest);
+        let reboot_into =
+            self.nixos
+                .note_reboot(&self.profile, &self.store, &mut state, result.is_ok());
 
         let saved =
             self.state
@@ -133,6 +139,9 @@ impl Pass {
                 ),
                 Ok(_) => return Err(err),
             }
+        }
+        if let Some(system) = reboot_into {
+            system::reboot(&system);
         }
         result
     }
@@ -631,7 +640,12 @@ impl Pass {
         self.state.save(&self.profile.name, state)?;
 
         report::status(&format!("realising build {} {}", build.id, build.out_path));
-        if let Err(err) = self.profile.switch_to(&build.out_path, self.nix_timeout) {
+        let switched = self
+            .profile
+            .switch_to(&build.out_path, self.nix_timeout, || {
+                system::check_deployable(&self.profile.name, &build.out_path)
+            });
+        if let Err(err) = switched {
             state.deployed = before;
             return Err(err.context(format!("build {} was not deployed", build.id)))
                 .failed_as(FailureKind::Nix);
@@ -688,6 +702,9 @@ impl Pass {
             .map(|p| p.store_path.clone())
             .unwrap_or_default();
         let activation = self.run_activate(Some(build.id), build.out_path.as_str(), &previous)?;
+        let activation = self
+            .nixos
+            .confirm(&self.profile.name, activation, &self.hydra, build);
         match activation {
             Activation::Succeeded | Activation::NoScript => {
                 let (level, note) = match activation {
@@ -710,7 +727,11 @@ impl Pass {
                 report::status(&format!("deployed build {}", build.id));
                 Ok(outcome)
             }
-            Activation::Failed(failure) => Err(self.roll_back(state, build, failure)),
+            Activation::Failed(failure) => {
+                // Not left for the rollback's save to find and call stale.
+                drop(success);
+                Err(self.roll_back(state, build, failure))
+            }
         }
     }
 
@@ -751,11 +772,12 @@ impl Pass {
             ),
         );
         state.counters.rollbacks += 1;
+        let activation = self.activation_name(build.out_path.as_str());
         state.failed = Some(FailedBuild {
             build_id: build.id,
             store_path: build.out_path.to_string(),
             at: state::now(),
-            reason: format!("activate {}", failure.how),
+            reason: format!("{activation} {}", failure.how),
         });
         let deployed = state.deployed.take();
         let rollback = Rollback {
@@ -779,7 +801,7 @@ impl Pass {
             Some(build.id),
             build.out_path.as_str(),
             format!(
-                "build {} ({}) failed to activate: activate {}; {outcome}{}",
+                "build {} ({}) failed to activate: {activation} {}; {outcome}{}",
                 build.id,
                 build.out_path,
                 failure.how,
@@ -917,14 +939,16 @@ impl Pass {
                 Ok(format!("{back} and re-activated it"))
             }
             Activation::Failed(again) => Ok(format!(
-                "{back}, but re-activating it failed too: activate {}",
+                "{back}, but re-activating it failed too: {} {}",
+                self.activation_name(&previous.store_path),
                 again.how
             )),
         }
     }
 
-    /// Runs the profile's `bin/activate` with the environment every script
-    /// hail runs sees (its outcome is recorded under systemd; see `activate`).
+    /// Runs the profile's `bin/activate` (a system's: its
+    /// `switch-to-configuration`) with the environment every script hail
+    /// runs sees (its outcome is recorded under systemd; see `activate`).
     fn run_activate(
         &self,
         build_id: Option<u64>,
@@ -932,14 +956,29 @@ impl Pass {
         previous: &str,
     ) -> Result<Activation> {
         self.with_script_env(build_id, store_path, previous, |env| {
-            activate::run(
-                self.profile.path(),
-                &self.runner,
-                env,
-                self.activate_timeout,
-            )
+            if system::is_system_profile(&self.profile.name) {
+                self.nixos.switch(
+                    &self.profile,
+                    &self.store,
+                    &self.runner,
+                    env,
+                    self.activate_timeout,
+                )
+            } else {
+                activate::run(
+                    self.profile.path(),
+                    &self.runner,
+                    env,
+                    self.activate_timeout,
+                )
+            }
         })
         .failed_as(FailureKind::Activation)
+    }
+
+    /// What activates `store_path` in this profile, for messages.
+    fn activation_name(&self, store_path: &str) -> String {
+        self.nixos.activation_name(&self.profile.name, store_path)
     }
 
     /// Runs a build's `bin/deactivate` with the same environment.
@@ -1063,6 +1102,14 @@ pub struct BootActivation {
 
 impl BootActivation {
     pub fn run(&self) -> Result<()> {
+        if system::is_system_profile(&self.profile.name) {
+            log::info!(
+                "profile {} holds NixOS systems, which NixOS activates itself at boot; \
+                 nothing to do",
+                self.profile.path().display()
+            );
+            return Ok(());
+        }
         let Some(current) = self.profile.current_target(&self.store)? else {
             log::info!(
                 "profile {} does not exist yet; nothing to activate",

@@ -94,9 +94,23 @@ pub struct Finished {
     pub stderr: Vec<String>,
 }
 
+/// Sees each line of a child's stderr as it comes (without its line end),
+/// say to report progress.
+pub type Watch = Box<dyn FnMut(&str) + Send>;
+
 /// Runs `cmd` to its end or its deadline (then ends its whole process group),
 /// echoing its output as `echo` says. Fails only if it cannot be started.
-pub fn run_bounded(mut cmd: Command, deadline: Duration, echo: Echo) -> Result<Finished> {
+pub fn run_bounded(cmd: Command, deadline: Duration, echo: Echo) -> Result<Finished> {
+    run_watched(cmd, deadline, echo, None)
+}
+
+/// Like [`run_bounded`], with `watch` seeing its stderr line by line.
+fn run_watched(
+    mut cmd: Command,
+    deadline: Duration,
+    echo: Echo,
+    watch: Option<Watch>,
+) -> Result<Finished> {
     use std::os::unix::process::CommandExt;
     let shown = display(&cmd);
     cmd.env_remove("NOTIFY_SOCKET")
@@ -117,10 +131,15 @@ pub fn run_bounded(mut cmd: Command, deadline: Duration, echo: Echo) -> Result<F
     let stderr = Arc::new(Mutex::new(LastLines::default()));
     let mut readers = Vec::new();
     if let Some(out) = child.stdout.take() {
-        readers.push(collect(out, echo == Echo::Both, Arc::clone(&stdout)));
+        readers.push(collect(out, echo == Echo::Both, None, Arc::clone(&stdout)));
     }
     if let Some(err) = child.stderr.take() {
-        readers.push(collect(err, echo != Echo::Nothing, Arc::clone(&stderr)));
+        readers.push(collect(
+            err,
+            echo != Echo::Nothing,
+            watch,
+            Arc::clone(&stderr),
+        ));
     }
 
     let (done_tx, done) = mpsc::channel();
@@ -154,17 +173,22 @@ pub fn run_bounded(mut cmd: Command, deadline: Duration, echo: Echo) -> Result<F
 /// Runs `cmd` (see [`run_bounded`]) and fails, quoting the last lines of its
 /// stderr, unless it exits 0 before its deadline.
 pub fn run(cmd: Command, deadline: Deadline, echo: Echo) -> Result<()> {
-    checked(cmd, deadline, echo).map(drop)
+    checked(cmd, deadline, echo, None).map(drop)
+}
+
+/// Like [`run`], with `watch` seeing its stderr line by line as it comes.
+pub fn run_and_watch(cmd: Command, deadline: Deadline, echo: Echo, watch: Watch) -> Result<()> {
+    checked(cmd, deadline, echo, Some(watch)).map(drop)
 }
 
 /// Like [`run`], for a command whose answer is on stdout: its last lines.
 pub fn output(cmd: Command, deadline: Deadline) -> Result<Vec<String>> {
-    checked(cmd, deadline, Echo::Nothing).map(|finished| finished.stdout)
+    checked(cmd, deadline, Echo::Nothing, None).map(|finished| finished.stdout)
 }
 
-fn checked(cmd: Command, deadline: Deadline, echo: Echo) -> Result<Finished> {
+fn checked(cmd: Command, deadline: Deadline, echo: Echo, watch: Option<Watch>) -> Result<Finished> {
     let shown = display(&cmd);
-    let finished = run_bounded(cmd, deadline.after, echo)?;
+    let finished = run_watched(cmd, deadline.after, echo, watch)?;
     if finished.ending.success() {
         return Ok(finished);
     }
@@ -264,15 +288,31 @@ impl LastLines {
 }
 
 /// Reads a child's stream to its end into `kept`, echoing it to our stderr
-/// if asked, a line (or [`ECHO_PIECE`]) at a time.
+/// if asked and showing it to `watch`, a line (or [`ECHO_PIECE`]) at a time.
 fn collect(
     mut from: impl Read + Send + 'static,
     echo: bool,
+    mut watch: Option<Watch>,
     kept: Arc<Mutex<LastLines>>,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; ECHO_PIECE];
         let mut pending = Vec::new();
+        let line_wise = echo || watch.is_some();
+        let mut pass_on = |lines: &[u8]| {
+            if echo {
+                let _ = std::io::stderr().lock().write_all(lines);
+            }
+            if let Some(watch) = watch.as_mut() {
+                for line in lines
+                    .strip_suffix(b"\n")
+                    .unwrap_or(lines)
+                    .split(|b| *b == b'\n')
+                {
+                    watch(&String::from_utf8_lossy(line));
+                }
+            }
+        };
         loop {
             let n = match from.read(&mut buf) {
                 Ok(0) => break,
@@ -281,7 +321,7 @@ fn collect(
                 Err(_) => break,
             };
             let chunk = &buf[..n];
-            if echo {
+            if line_wise {
                 pending.extend_from_slice(chunk);
                 let whole = match pending.iter().rposition(|b| *b == b'\n') {
                     Some(at) => at + 1,
@@ -289,7 +329,7 @@ fn collect(
                     None => 0,
                 };
                 if whole > 0 {
-                    let _ = std::io::stderr().lock().write_all(&pending[..whole]);
+                    pass_on(&pending[..whole]);
                     pending.drain(..whole);
                 }
             }
@@ -299,7 +339,7 @@ fn collect(
         }
         if !pending.is_empty() {
             pending.push(b'\n');
-            let _ = std::io::stderr().lock().write_all(&pending);
+            pass_on(&pending);
         }
     })
 }
@@ -380,6 +420,20 @@ mod tests {
     fn output_is_stdout() {
         let lines = output(sh("echo one; echo two; echo noise >&2"), deadline(10.0)).unwrap();
         assert_eq!(lines, ["one", "two"]);
+    }
+
+    #[test]
+    fn watch_sees_each_stderr_line() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::clone(&seen);
+        let watch: Watch = Box::new(move |line: &str| {
+            if let Ok(mut lines) = lines.lock() {
+                lines.push(line.to_owned());
+            }
+        });
+        let cmd = sh("echo out; printf 'one\\ntwo\\n' >&2; sleep 0.1; printf 'no end' >&2");
+        run_and_watch(cmd, deadline(10.0), Echo::Nothing, watch).unwrap();
+        assert_eq!(*seen.lock().unwrap(), ["one", "two", "no end"]);
     }
 
     #[test]

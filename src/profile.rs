@@ -1,17 +1,20 @@
-//! The Nix profile hail keeps in step: where it points, and the `nix-env`
-//! calls that change it. Reading the profile never runs nix; changing it
-//! always goes through `nix-env`, whose argv is built here and only here.
+//! The Nix profile hail keeps in step: where it points, and the nix calls
+//! that change it. Reading the profile never runs nix; changing it always
+//! goes through `nix-store --realise` and `nix-env`, whose argv is built here
+//! and only here.
 
 use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use crate::process;
+use crate::report;
 use crate::store_path::{StoreDir, StorePath};
 
 /// A profile name relative to the profiles dir, such as `web` or
@@ -117,15 +120,24 @@ impl Profile {
         store_path_behind(&self.path, store)
     }
 
-    /// Switches the profile to `store_path` as a new generation, substituting
-    /// the path first as nix.conf says, within `timeout`. On failure the
-    /// profile is unchanged.
-    pub fn switch_to(&self, store_path: &StorePath, timeout: Duration) -> Result<()> {
+    /// Realises `store_path` (nix substitutes it from the binary caches
+    /// nix.conf names), lets `inspect` look at its content, and only then
+    /// switches the profile to it as a new generation; each nix call within
+    /// `timeout`. On failure, or if `inspect` refuses it, the profile is
+    /// unchanged.
+    pub fn switch_to(
+        &self,
+        store_path: &StorePath,
+        timeout: Duration,
+        inspect: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        realise(store_path, timeout)?;
+        inspect()?;
         if let Some(parent) = self.path.parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("cannot create profiles dir {}", parent.display()))?;
         }
-        run_nix_env(nix_env_set(&self.path, store_path), timeout).with_context(|| {
+        run_nix(nix_env_set(&self.path, store_path), timeout).with_context(|| {
             format!(
                 "could not switch profile {} to {store_path}",
                 self.path.display()
@@ -135,7 +147,7 @@ impl Profile {
 
     /// Points the profile back at an existing generation.
     pub fn switch_generation(&self, generation: u64, timeout: Duration) -> Result<()> {
-        run_nix_env(nix_env_switch_generation(&self.path, generation), timeout).with_context(|| {
+        run_nix(nix_env_switch_generation(&self.path, generation), timeout).with_context(|| {
             format!(
                 "could not switch profile {} back to generation {generation}",
                 self.path.display()
@@ -145,14 +157,12 @@ impl Profile {
 
     /// Deletes generations that are not the current one.
     pub fn delete_generations(&self, generations: &[u64], timeout: Duration) -> Result<()> {
-        run_nix_env(nix_env_delete_generations(&self.path, generations), timeout).with_context(
-            || {
-                format!(
-                    "could not delete generations {generations:?} of profile {}",
-                    self.path.display()
-                )
-            },
-        )
+        run_nix(nix_env_delete_generations(&self.path, generations), timeout).with_context(|| {
+            format!(
+                "could not delete generations {generations:?} of profile {}",
+                self.path.display()
+            )
+        })
     }
 
     /// Removes the profile and its generation `generation`, when a first
@@ -284,16 +294,111 @@ pub fn store_path_behind(link: &Path, store: &StoreDir) -> Result<Option<StorePa
     )
 }
 
-/// Runs a nix-env command with its stderr (substitution progress) echoed
-/// as it comes, ended after `timeout` so that a stuck substitution cannot
-/// hold the profile lock forever.
-fn run_nix_env(cmd: Command, timeout: Duration) -> Result<()> {
-    let deadline = process::Deadline::new(
+/// Runs a nix command with its stderr echoed as it comes, ended after
+/// `timeout` so that a stuck nix cannot hold the profile lock forever.
+fn run_nix(cmd: Command, timeout: Duration) -> Result<()> {
+    process::run(cmd, nix_deadline(timeout), process::Echo::Stderr)
+}
+
+fn nix_deadline(timeout: Duration) -> process::Deadline {
+    process::Deadline::new(
         timeout,
         "raise --nix-timeout (HAIL_NIX_TIMEOUT) if substituting this build takes longer, \
          or check that the binary caches in nix.conf answer",
-    );
-    process::run(cmd, deadline, process::Echo::Stderr)
+    )
+}
+
+/// Makes `store_path` valid in the store, substituting it and its closure
+/// within `timeout`; its progress goes to systemd's `STATUS=` as nix reports
+/// it, and what was fetched to the log.
+fn realise(store_path: &StorePath, timeout: Duration) -> Result<()> {
+    let progress = Arc::new(Mutex::new(Substitution::default()));
+    let seen = Arc::clone(&progress);
+    let what = store_path.to_string();
+    let watch = Box::new(move |line: &str| {
+        let now = seen.lock().ok().and_then(|mut progress| progress.see(line));
+        if let Some(now) = now {
+            report::status(&format!("realising {what}: {now}"));
+        }
+    });
+    let started = Instant::now();
+    process::run_and_watch(
+        nix_store_realise(store_path),
+        nix_deadline(timeout),
+        process::Echo::Stderr,
+        watch,
+    )
+    .with_context(|| format!("could not realise {store_path}"))?;
+    if let Some(fetched) = progress.lock().ok().and_then(|p| p.summary()) {
+        log::info!(
+            "realised {store_path}: {fetched} in {} s",
+            started.elapsed().as_secs()
+        );
+    }
+    Ok(())
+}
+
+/// What nix has said so far about substituting a path, from its stderr:
+/// `these 3 paths will be fetched (12.50 MiB download, 40.10 MiB
+/// unpacked):`, then `copying path '…' from '…'...` for each.
+#[derive(Debug, Default)]
+struct Substitution {
+    /// The paths nix announced, and their sizes as it wrote them.
+    announced: Option<(u64, String)>,
+    copied: u64,
+}
+
+impl Substitution {
+    /// Takes one line of nix's stderr; returns the progress to show if the
+    /// line changed it.
+    fn see(&mut self, line: &str) -> Option<String> {
+        if let Some(announced) = fetch_announcement(line) {
+            let shown = format!("fetching {} path(s) ({})", announced.0, announced.1);
+            self.announced = Some(announced);
+            return Some(shown);
+        }
+        if !(line.starts_with("copying path '") && line.contains("' from '")) {
+            return None;
+        }
+        self.copied += 1;
+        Some(match &self.announced {
+            Some((paths, sizes)) => format!("copying path {} of {paths} ({sizes})", self.copied),
+            None => format!("copying path {}", self.copied),
+        })
+    }
+
+    /// What was fetched in all; `None` if nothing was.
+    fn summary(&self) -> Option<String> {
+        let sizes = self
+            .announced
+            .as_ref()
+            .map(|(_, sizes)| format!(" ({sizes})"))
+            .unwrap_or_default();
+        (self.copied > 0).then(|| format!("fetched {} path(s){sizes}", self.copied))
+    }
+}
+
+/// nix's `this path will be fetched (…):` or `these N paths will be
+/// fetched (…):` as (N, the sizes in the parentheses).
+fn fetch_announcement(line: &str) -> Option<(u64, String)> {
+    let (count, rest) = if let Some(rest) = line.strip_prefix("this path will be fetched (") {
+        (1, rest)
+    } else {
+        let rest = line.strip_prefix("these ")?;
+        let (count, rest) = rest.split_once(" paths will be fetched (")?;
+        (count.parse().ok()?, rest)
+    };
+    let sizes = rest.strip_suffix("):")?;
+    Some((count, sizes.to_owned()))
+}
+
+/// `nix-store --realise --no-gc-warning STORE_PATH`: substitutes the path
+/// (it has no derivation here); no GC root, since `nix-env --set` makes the
+/// generation that keeps it, and so no warning about one.
+pub fn nix_store_realise(store_path: &StorePath) -> Command {
+    let mut cmd = Command::new("nix-store");
+    cmd.args(["--realise", "--no-gc-warning", store_path.as_str()]);
+    cmd
 }
 
 /// `nix-env --profile PROFILE --set STORE_PATH`: one atomic switch to a new
@@ -371,6 +476,74 @@ mod tests {
                 "--set",
                 "/nix/store/0c0b5jrrfg6x7mnyl2kjkzzwhm5xhrm8-hello"
             ]
+        );
+    }
+
+    #[test]
+    fn nix_store_realise_argv() {
+        let path = StoreDir::new("/nix/store")
+            .parse("/nix/store/0c0b5jrrfg6x7mnyl2kjkzzwhm5xhrm8-hello")
+            .unwrap();
+        assert_eq!(
+            argv(&nix_store_realise(&path)),
+            [
+                "nix-store",
+                "--realise",
+                "--no-gc-warning",
+                "/nix/store/0c0b5jrrfg6x7mnyl2kjkzzwhm5xhrm8-hello"
+            ]
+        );
+    }
+
+    #[test]
+    fn substitution_progress_from_nixs_own_lines() {
+        // As nix 2.8's nix-store --realise writes them.
+        let mut progress = Substitution::default();
+        assert_eq!(progress.summary(), None);
+        let shown: Vec<Option<String>> = [
+            "these 2 paths will be fetched (0.29 MiB download, 1.10 MiB unpacked):",
+            "  /nix/store/b0rcmh12v25sbwzwhm7597mjzibaxkr8-kernel",
+            "copying path '/nix/store/b0rcmh12v25sbwzwhm7597mjzibaxkr8-kernel' from 'https://hydra.example.org'...",
+            "copying path '/nix/store/x14f5f3k017k50dpcm2hqzk9cb28wf76-sys' from 'https://hydra.example.org'...",
+            "warning: something else",
+        ]
+        .iter()
+        .map(|line| progress.see(line))
+        .collect();
+        assert_eq!(
+            shown,
+            [
+                Some("fetching 2 path(s) (0.29 MiB download, 1.10 MiB unpacked)".to_owned()),
+                None,
+                Some("copying path 1 of 2 (0.29 MiB download, 1.10 MiB unpacked)".to_owned()),
+                Some("copying path 2 of 2 (0.29 MiB download, 1.10 MiB unpacked)".to_owned()),
+                None,
+            ]
+        );
+        assert_eq!(
+            progress.summary().as_deref(),
+            Some("fetched 2 path(s) (0.29 MiB download, 1.10 MiB unpacked)")
+        );
+
+        let mut one = Substitution::default();
+        one.see("this path will be fetched (0.01 MiB download, 0.03 MiB unpacked):");
+        assert_eq!(
+            one.see("copying path '/nix/store/x-a' from 'file:///c'...")
+                .as_deref(),
+            Some("copying path 1 of 1 (0.01 MiB download, 0.03 MiB unpacked)")
+        );
+        // Unannounced (another nix's wording): still counted.
+        let mut bare = Substitution::default();
+        assert_eq!(
+            bare.see("copying path '/nix/store/x-a' from 'file:///c'...")
+                .as_deref(),
+            Some("copying path 1")
+        );
+        assert_eq!(bare.summary().as_deref(), Some("fetched 1 path(s)"));
+        // nix copy's lines (to a cache) are not substitution.
+        assert_eq!(
+            bare.see("copying path '/nix/store/x-a' to 'file:///c'..."),
+            None
         );
     }
 

@@ -120,6 +120,9 @@ pub mod message_id {
     pub const HELD: &str = "65de339cb6074b3fb9feb53b1303be1b";
     /// The pass failed (the message says why).
     pub const ERROR: &str = "882b1e906bcc447aa9697b1e6b85d52d";
+    /// A NixOS system needs a reboot (required, or pending for hail), or
+    /// hail reboots the host.
+    pub const REBOOT: &str = "a3cf4e827f344b13a9fb8da7e370d5c4";
 }
 
 /// `2026-11-25T22:05:09Z` (RFC 3339, UTC) for a Unix time; a time past the

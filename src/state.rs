@@ -435,6 +435,9 @@ pub struct State {
     /// cleared when it is done, so that the next pass finishes one that was
     /// interrupted.
     pub rolling_back: Option<Rollback>,
+    /// The NixOS system the profile points to needs a reboot to run (its
+    /// kernel, initrd or kernel modules are not the booted system's).
+    pub reboot: Option<Reboot>,
     pub last_check: Option<Check>,
     pub last_error: Option<LastError>,
     /// When the last pass that deployed or found the profile up to date ended.
@@ -535,6 +538,41 @@ impl Deployment {
             (None, None) => format!("an unknown build ({name})"),
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reboot {
+    /// The system that needs it.
+    pub store_path: String,
+    pub since: u64,
+    /// hail reboots the host itself (`--allow-reboot`): a reboot *pending*;
+    /// otherwise someone must: a reboot *required*.
+    pub by_hail: bool,
+    /// `--reboot-window`, if hail reboots only inside one.
+    #[serde(default)]
+    pub window: Option<String>,
+    /// When hail asked for the reboot.
+    #[serde(default)]
+    pub requested: Option<RebootRequest>,
+}
+
+impl Reboot {
+    /// "reboot pending" or "reboot required", as status, metrics and the journal say it.
+    pub fn label(&self) -> &'static str {
+        if self.by_hail {
+            "reboot pending"
+        } else {
+            "reboot required"
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RebootRequest {
+    pub at: u64,
+    /// The boot it was asked in (`/proc/sys/kernel/random/boot_id`): a
+    /// later boot that still does not run the system is not rebooted again.
+    pub boot_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

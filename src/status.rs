@@ -143,6 +143,19 @@ fn notes(state: &State) -> String {
             failed.reason
         ));
     }
+    if let Some(reboot) = &state.reboot {
+        let who = match (&reboot.window, reboot.by_hail, &reboot.requested) {
+            (_, true, Some(requested)) => format!("hail asked for it at {}", utc(requested.at)),
+            (None, true, None) => "hail reboots the host".to_owned(),
+            (Some(window), true, None) => format!("hail reboots the host inside {window}"),
+            (_, false, _) => "reboot the host to run it".to_owned(),
+        };
+        notes.push(format!(
+            "{} since {}: {who}",
+            reboot.label(),
+            utc(reboot.since)
+        ));
+    }
     if let Some(waiting) = &state.waiting {
         notes.push(match waiting.eligible_at {
             Some(at) => format!("build {} eligible at {}", waiting.build_id, utc(at)),

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_hail_global_optspecs
-    string join \n profile= profiles-dir= activate-timeout= job-uri= netrc-file= state-dir= lock-timeout= timeout= nix-timeout= output= system= latest-finished wait-for-jobset min-build-age= keep-generations= metrics-file= dry-run retry-failed force oneshot poll-period= h/help V/version
+    string join \n profile= profiles-dir= activate-timeout= job-uri= netrc-file= state-dir= lock-timeout= timeout= nix-timeout= output= system= latest-finished wait-for-jobset min-build-age= keep-generations= metrics-file= dry-run retry-failed force oneshot poll-period= nixos-operation= confirm-timeout= allow-reboot reboot-window= h/help V/version
 end
 
 function __fish_hail_needs_command
@@ -32,19 +32,24 @@ complete -c hail -n "__fish_hail_needs_command" -l netrc-file -d 'netrc file wit
 complete -c hail -n "__fish_hail_needs_command" -l state-dir -d 'Where hail keeps per-profile state and locks [default: $STATE_DIRECTORY, else /var/lib/hail]' -r -F
 complete -c hail -n "__fish_hail_needs_command" -l lock-timeout -d 'Seconds to wait for another pass on the same profile to finish' -r
 complete -c hail -n "__fish_hail_needs_command" -l timeout -d 'Seconds each HTTP exchange may take [default: 10 to connect, 60 in all]' -r
-complete -c hail -n "__fish_hail_needs_command" -l nix-timeout -d 'Seconds each nix-env call (realising the build, rolling back, deleting generations) may take before its process group is ended: a stuck substitution must not hold the profile lock forever' -r
+complete -c hail -n "__fish_hail_needs_command" -l nix-timeout -d 'Seconds each nix call (realising the build, switching the profile, rolling back, deleting generations) may take before its process group is ended: a stuck substitution must not hold the profile lock forever' -r
 complete -c hail -n "__fish_hail_needs_command" -l output -d 'The build output to deploy, for jobs whose deployable output is not `out`' -r
 complete -c hail -n "__fish_hail_needs_command" -l system -d 'Only builds for this system (Hydra\'s latest-for/SYSTEM); otherwise the highest build id of any system wins' -r
 complete -c hail -n "__fish_hail_needs_command" -l min-build-age -d 'Deploy a build only once it has been finished this long (e.g. 30min, 2h, 1d; plain numbers are seconds): canary hosts at 0, the fleet later' -r
 complete -c hail -n "__fish_hail_needs_command" -l keep-generations -d 'After a successful deploy, delete all but the newest N generations (never the current one)' -r
 complete -c hail -n "__fish_hail_needs_command" -l metrics-file -d 'Write Prometheus metrics for this profile here after every pass (atomically; point it into node_exporter\'s textfile directory)' -r -F
 complete -c hail -n "__fish_hail_needs_command" -l poll-period -d 'Not supported: the original\'s polling loop is systemd\'s job now' -r
+complete -c hail -n "__fish_hail_needs_command" -l nixos-operation -d 'What the new system\'s bin/switch-to-configuration does: switch (activate it now and make it the boot default) or boot (only the boot default). With --allow-reboot: boot when the system needs a reboot, switch otherwise' -r -f -a "switch\t'Activate it now and make it the boot default'
+boot\t'Make it the boot default only: it runs from the next boot'"
+complete -c hail -n "__fish_hail_needs_command" -l confirm-timeout -d 'After a switch, seconds hail keeps trying to reach Hydra (its JOB/latest) before it rolls the switch back as failed; 0 does not check' -r
+complete -c hail -n "__fish_hail_needs_command" -l reboot-window -d 'Reboot only between these local times (e.g. 02:00-04:30; may wrap midnight); outside it the reboot stays pending for a later pass' -r
 complete -c hail -n "__fish_hail_needs_command" -l latest-finished -d 'Only builds from evaluations with no unfinished builds (Hydra\'s latest-finished)'
 complete -c hail -n "__fish_hail_needs_command" -l wait-for-jobset -d 'Only this job\'s build from the newest evaluation in which every build finished successfully (reads up to 3 pages of evaluations and the builds of up to 10, each evaluation once: while Hydra\'s newest finished evaluation is unchanged, one small request)'
 complete -c hail -n "__fish_hail_needs_command" -l dry-run -d 'Ask Hydra and say what a pass would do now (deploy, or why it would hold, wait or refuse); change nothing'
 complete -c hail -n "__fish_hail_needs_command" -l retry-failed -d 'Deploy Hydra\'s latest build even if its activation failed before (failed builds are otherwise not retried while they are the latest)'
 complete -c hail -n "__fish_hail_needs_command" -l force -d 'Deploy Hydra\'s latest build even if an operator rolled the profile back from it (hail otherwise holds until a newer build appears)'
 complete -c hail -n "__fish_hail_needs_command" -l oneshot -d 'Accepted for compatibility; every run is one pass'
+complete -c hail -n "__fish_hail_needs_command" -l allow-reboot -d 'When the new system\'s kernel, initrd or kernel modules differ from the booted system\'s, make it the boot default (switch-to-configuration boot) and reboot (systemctl reboot); otherwise switch. Without it hail always uses --nixos-operation and reports "reboot required"'
 complete -c hail -n "__fish_hail_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c hail -n "__fish_hail_needs_command" -s V -l version -d 'Print version'
 complete -c hail -n "__fish_hail_needs_command" -f -a "activate" -d 'Boot-time activation: run PROFILE/bin/activate if the profile exists (exits 0 if it does not); a failure is recorded, and the next passes run the activation again (up to 3 failures in a row)'

@@ -16,4 +16,5 @@ mod observe;
 mod pass;
 mod services;
 mod systemd;
+mod systems;
 mod units;

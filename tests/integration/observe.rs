@@ -91,9 +91,10 @@ fn status_answers_while_a_pass_holds_the_lock() {
     assert!(child.wait().unwrap().success());
 }
 
-/// Parses Prometheus text: every sample's family must be declared with
-/// HELP and TYPE first, values must be numbers; returns `name{labels}` → value.
-fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
+/// Parses Prometheus text for `profile`: every sample's family must be
+/// declared with HELP and TYPE first, values must be numbers; returns
+/// `name{labels}` → value.
+pub fn parse_prometheus(text: &str, profile: &str) -> BTreeMap<String, f64> {
     let mut declared = BTreeMap::new();
     let mut samples = BTreeMap::new();
     for line in text.lines() {
@@ -114,7 +115,7 @@ fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
                 "sample before its TYPE: {line}"
             );
             assert!(
-                series.ends_with('}') && series.contains("profile=\"web\""),
+                series.ends_with('}') && series.contains(&format!("profile=\"{profile}\"")),
                 "{line}"
             );
             if declared[name] == "counter" {
@@ -139,7 +140,7 @@ fn metrics_file_is_valid_prometheus_text() {
     let metrics_arg = metrics.to_str().unwrap().to_owned();
     world.publish("a");
     assert_exit(&world.pass(&["--metrics-file", &metrics_arg]), 0);
-    let samples = parse_prometheus(&std::fs::read_to_string(&metrics).unwrap());
+    let samples = parse_prometheus(&std::fs::read_to_string(&metrics).unwrap(), "web");
     assert_eq!(samples["hail_deployed_build_id{profile=\"web\"}"], 1.0);
     assert_eq!(samples["hail_up_to_date{profile=\"web\"}"], 1.0);
     assert_eq!(samples["hail_deploys_total{profile=\"web\"}"], 1.0);
@@ -153,7 +154,7 @@ fn metrics_file_is_valid_prometheus_text() {
     );
     assert_exit(&world.pass(&["--metrics-file", &metrics_arg]), 1);
     let text = std::fs::read_to_string(&metrics).unwrap();
-    let samples = parse_prometheus(&text);
+    let samples = parse_prometheus(&text, "web");
     assert_eq!(samples["hail_up_to_date{profile=\"web\"}"], 0.0);
     assert_eq!(samples["hail_failed_build_id{profile=\"web\"}"], 2.0);
     assert_eq!(samples["hail_rollbacks_total{profile=\"web\"}"], 1.0);

@@ -579,7 +579,11 @@ fn path_missing_from_the_cache_changes_nothing() {
     world.hydra.add_build(JOB, &missing, Some(0));
     let run = world.pass(&[]);
     assert_exit(&run, 1);
-    assert!(run.stderr.contains("nix-env"), "{run:?}");
+    assert!(
+        run.error()
+            .contains(&format!("nix-store --realise --no-gc-warning {missing}")),
+        "{run:?}"
+    );
     assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
     assert_eq!(world.generations(), [1]);
     assert_eq!(world.activations().len(), 1);

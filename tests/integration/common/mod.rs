@@ -135,8 +135,13 @@ impl World {
 
     /// Like [`World::hail`], following another job URI.
     pub fn hail_with_job(&self, job_uri: &str) -> Command {
+        self.hail_for(PROFILE, job_uri)
+    }
+
+    /// Like [`World::hail`], for another profile and job URI.
+    pub fn hail_for(&self, profile: &str, job_uri: &str) -> Command {
         let mut cmd = self.bare_hail();
-        cmd.args(["--oneshot", "--profile", PROFILE, "--job-uri", job_uri])
+        cmd.args(["--oneshot", "--profile", profile, "--job-uri", job_uri])
             .arg("--profiles-dir")
             .arg(self.profiles_dir())
             .arg("--state-dir")
@@ -173,8 +178,13 @@ impl World {
 
     /// `hail activate` for the test profile, as hail-activate@web runs it.
     pub fn boot_activation(&self) -> Command {
+        self.boot_activation_for(PROFILE)
+    }
+
+    /// `hail activate` for `profile`.
+    pub fn boot_activation_for(&self, profile: &str) -> Command {
         let mut cmd = self.bare_hail();
-        cmd.args(["activate", "--profile", PROFILE, "--job-uri"])
+        cmd.args(["activate", "--profile", profile, "--job-uri"])
             .arg(self.hydra.job_uri(JOB))
             .arg("--profiles-dir")
             .arg(self.profiles_dir())
@@ -201,7 +211,12 @@ impl World {
 
     /// Where the profile points, fully resolved; `None` if there is no profile.
     pub fn profile_target(&self) -> Option<String> {
-        match std::fs::canonicalize(self.profile_path()) {
+        self.profile_target_of(PROFILE)
+    }
+
+    /// Where `profile` points, fully resolved; `None` if there is no such profile.
+    pub fn profile_target_of(&self, profile: &str) -> Option<String> {
+        match std::fs::canonicalize(self.profiles_dir().join(profile)) {
             Ok(path) => Some(path.to_string_lossy().into_owned()),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
             Err(err) => panic!("cannot resolve the profile: {err}"),
@@ -211,7 +226,12 @@ impl World {
     /// The profile's generation numbers, from its `web-N-link` links (none
     /// while there is no profiles dir; any other error fails the test).
     pub fn generations(&self) -> Vec<u64> {
-        let prefix = format!("{PROFILE}-");
+        self.generations_of(PROFILE)
+    }
+
+    /// The generation numbers of `profile` (a name without `/`), as [`World::generations`].
+    pub fn generations_of(&self, profile: &str) -> Vec<u64> {
+        let prefix = format!("{profile}-");
         let dir = self.profiles_dir();
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,

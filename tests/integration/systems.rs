@@ -1,0 +1,652 @@
+//! Whole NixOS hosts. The systems are NixOS-like, built by real Nix for each
+//! test: a `nixos-version`, a `bin/switch-to-configuration` that records its
+//! arguments (and can fail), and `kernel`, `initrd` and `kernel-modules`
+//! links to store paths of their own; published signed to the stand-in's
+//! cache and deployed by real passes to the profile `system`, with real
+//! generations. A fake `systemctl` first on PATH records a reboot.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::hydra::Fault;
+use crate::common::{
+    JOB, Run, World, assert_exit, read_existing, read_if_exists, recording_activate,
+};
+use crate::observe::parse_prometheus;
+
+const SYSTEM: &str = "system";
+
+/// A NixOS-like system: its switch script comes from a file (`switch`), its
+/// boot files are store paths of their own, the same for the same `kernel`
+/// in one world (`world` tells worlds apart: each substitutes its own).
+const SYSTEM_NIX: &str = r#"
+{ label, kernel, world, nonce, switch }:
+let
+  drv = name: script: env: derivation ({
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/bin:/usr/bin";
+    args = [ "-c" ("set -eu\n" + script) ];
+  } // env);
+  boot = file: drv "${file}-${kernel}" "mkdir $out; echo ${kernel} > $out/${file}" { inherit world; };
+  bzImage = boot "bzImage";
+  initrd = boot "initrd";
+  modules = drv "kernel-modules-${kernel}" "mkdir -p $out/lib/modules/${kernel}" { inherit world; };
+in
+drv "nixos-system-${label}" ''
+  mkdir -p $out/bin
+  echo 26.05 > $out/nixos-version
+  printf '%s' "$switch" > $out/bin/switch-to-configuration
+  chmod +x $out/bin/switch-to-configuration
+  ln -s ${bzImage}/bzImage $out/kernel
+  ln -s ${initrd}/initrd $out/initrd
+  ln -s ${modules} $out/kernel-modules
+  printf '%s\n' "$nonce" > $out/nonce
+'' { switch = builtins.readFile switch; inherit nonce; }
+"#;
+
+/// Builds a system in the world's chroot store: its switch script records
+/// `switch system=LABEL op=OPERATION build=… previous=… profile=… cwd=…`,
+/// then runs `extra`. Returns its store path.
+fn build_system(world: &World, label: &str, kernel: &str, extra: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let expr = world.path("system.nix");
+    std::fs::write(&expr, SYSTEM_NIX).expect("write system.nix");
+    let switch = world.path(&format!("switch-{label}-{n}.sh"));
+    std::fs::write(
+        &switch,
+        format!(
+            "#!/bin/sh\n\
+             echo \"switch system={label} op=$1 build=$HAIL_BUILD_ID previous=$HAIL_PREVIOUS_STORE_PATH profile=$HAIL_PROFILE cwd=$(pwd)\" >> \"$HAIL_TEST_RECORD\"\n\
+             {extra}\n"
+        ),
+    )
+    .expect("write the switch script");
+    let nonce = format!(
+        "{}-{n}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    );
+    let outputs = world.cache.build_expr(&format!(
+        "import {} {{ label = \"{label}\"; kernel = \"{kernel}\"; world = \"{}\"; \
+         nonce = \"{nonce}\"; switch = {}; }}",
+        expr.display(),
+        world.tmp.path().display(),
+        switch.display()
+    ));
+    outputs.last().expect("nix-build prints the path").clone()
+}
+
+/// Builds a system, publishes it signed and makes it Hydra's latest build.
+fn publish_system(world: &World, label: &str, kernel: &str, extra: &str) -> (u64, String) {
+    let path = build_system(world, label, kernel, extra);
+    world.cache.publish(&path);
+    let id = world.hydra.add_build(JOB, &path, Some(0));
+    (id, path)
+}
+
+/// hail for the profile `system` of this world, with `extra` arguments.
+fn hail_system(world: &World, extra: &[&str]) -> Command {
+    let mut cmd = world.hail_for(SYSTEM, &world.hydra.job_uri(JOB));
+    cmd.args(extra);
+    cmd
+}
+
+fn system_pass(world: &World, extra: &[&str]) -> Run {
+    world.run(hail_system(world, extra))
+}
+
+fn system_target(world: &World) -> Option<String> {
+    world.profile_target_of(SYSTEM)
+}
+
+fn system_generations(world: &World) -> Vec<u64> {
+    world.generations_of(SYSTEM)
+}
+
+/// What the switch scripts recorded, one line per run.
+fn switches(world: &World) -> Vec<String> {
+    world.activations()
+}
+
+fn state(world: &World) -> Value {
+    let path = world.state_dir().join("system.json");
+    serde_json::from_str(&read_existing(&path)).expect("the state is JSON")
+}
+
+fn status_table(world: &World) -> String {
+    let mut cmd = world.bare_hail();
+    cmd.arg("status").arg("--state-dir").arg(world.state_dir());
+    let run = world.run(cmd);
+    assert_exit(&run, 0);
+    run.stdout
+}
+
+/// A world with system `a` (kernel `k1`) deployed to the profile `system`.
+fn deployed_a() -> (World, u64, String) {
+    let world = World::new();
+    let (id, a) = publish_system(&world, "a", "k1", "");
+    assert_exit(&system_pass(&world, &[]), 0);
+    (world, id, a)
+}
+
+#[test]
+fn a_system_is_deployed_to_the_system_profile_only() {
+    let world = World::new();
+    let (id_a, a) = publish_system(&world, "a", "k1", "");
+
+    // To any other profile: refused before the profile exists, nothing run.
+    let run = world.pass(&[]);
+    assert_exit(&run, 1);
+    assert!(
+        run.error().contains("is a NixOS system") && run.error().contains("use `--profile system`"),
+        "{run:?}"
+    );
+    assert_eq!(world.profile_target(), None);
+    assert!(world.generations().is_empty(), "{:?}", world.generations());
+    assert!(switches(&world).is_empty(), "{:?}", switches(&world));
+
+    // To the profile system: a new generation, and its switch ran.
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(system_generations(&world), [1]);
+    assert_eq!(
+        switches(&world),
+        [format!(
+            "switch system=a op=switch build={id_a} previous= profile=system cwd=/"
+        )]
+    );
+
+    // Something that is not a system is refused for the profile system.
+    let plain = world.cache.build("plain", &recording_activate("plain", ""));
+    world.cache.publish(&plain);
+    world.hydra.add_build(JOB, &plain, Some(0));
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 1);
+    assert!(run.error().contains("is not a NixOS system"), "{run:?}");
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(system_generations(&world), [1]);
+    assert_eq!(switches(&world).len(), 1);
+}
+
+#[test]
+fn a_system_is_switched_to_and_left_alone_at_boot() {
+    let (world, _, a) = deployed_a();
+    let (id_b, b) = publish_system(&world, "b", "k1", "");
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(b.as_str()));
+    assert_eq!(system_generations(&world), [1, 2]);
+    assert_eq!(
+        switches(&world).last().map(String::as_str),
+        Some(
+            format!("switch system=b op=switch build={id_b} previous={a} profile=system cwd=/")
+                .as_str()
+        )
+    );
+
+    // At boot NixOS activates the system itself: hail activate does nothing.
+    let run = world.run(world.boot_activation_for(SYSTEM));
+    assert_exit(&run, 0);
+    assert!(
+        run.stderr.contains("NixOS activates itself at boot"),
+        "{run:?}"
+    );
+    assert_eq!(switches(&world).len(), 2);
+
+    // --nixos-operation boot: only the boot default.
+    let (id_c, _) = publish_system(&world, "c", "k1", "");
+    assert_exit(&system_pass(&world, &["--nixos-operation", "boot"]), 0);
+    assert!(
+        switches(&world)
+            .last()
+            .is_some_and(|l| l.starts_with(&format!("switch system=c op=boot build={id_c} "))),
+        "{:?}",
+        switches(&world)
+    );
+}
+
+#[test]
+fn a_failed_switch_rolls_back_to_the_previous_system() {
+    let (world, _, a) = deployed_a();
+    let (id_b, b) = publish_system(
+        &world,
+        "b",
+        "k1",
+        "echo 'warning: the following units failed: web.service' >&2; exit 4",
+    );
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 3);
+    let error = run.error();
+    assert!(
+        error.contains(&format!(
+            "build {id_b} ({b}) failed to activate: switch-to-configuration switch exited with status 4"
+        )),
+        "{run:?}"
+    );
+    assert!(error.contains("rolled back to generation 1"), "{run:?}");
+    assert!(error.contains("web.service"), "{run:?}");
+    // Back at a, whose own switch ran again; b's generation is gone.
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(system_generations(&world), [1]);
+    let ran = switches(&world);
+    assert_eq!(ran.len(), 3, "{ran:?}");
+    assert!(ran[1].starts_with("switch system=b op=switch "), "{ran:?}");
+    assert!(
+        ran[2].starts_with("switch system=a op=switch ")
+            && ran[2].contains(&format!("previous={b} ")),
+        "{ran:?}"
+    );
+    assert_eq!(state(&world)["failed"]["build_id"], json!(id_b));
+
+    // The failed build is remembered: not switched to again.
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 3);
+    assert!(run.error().contains("--retry-failed"), "{run:?}");
+    assert_eq!(switches(&world).len(), 3);
+    assert_eq!(system_generations(&world), [1]);
+}
+
+/// A switch script that, once it has switched, waits until the test has cut
+/// the host off from Hydra (`cut-LABEL` exists), as a new system with a
+/// broken network would.
+fn cuts_the_host_off(world: &World, label: &str) -> String {
+    format!(
+        "touch {switched}; i=0; while [ ! -e {cut} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done",
+        switched = world.path(&format!("switched-{label}")).display(),
+        cut = world.path(&format!("cut-{label}")).display(),
+    )
+}
+
+/// Runs a pass whose switch to `label` waits in [`cuts_the_host_off`]:
+/// Hydra stops answering once the switch ran.
+fn pass_that_loses_hydra(world: &World, label: &str, extra: &[&str]) -> Run {
+    std::thread::scope(|scope| {
+        let pass = scope.spawn(|| system_pass(world, extra));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !world.path(&format!("switched-{label}")).exists() {
+            assert!(
+                !pass.is_finished() && Instant::now() < deadline,
+                "the switch to {label} never ran"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        world.hydra.fault("/latest", Fault::Close);
+        std::fs::write(world.path(&format!("cut-{label}")), "").expect("cut the host off");
+        pass.join().expect("the pass thread")
+    })
+}
+
+fn latest_requests(world: &World) -> usize {
+    world
+        .hydra
+        .api_requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/latest"))
+        .count()
+}
+
+#[test]
+fn a_host_cut_off_from_hydra_by_its_new_system_rolls_back() {
+    let (world, _, a) = deployed_a();
+    // That first deploy asked Hydra again after its switch.
+    assert_eq!(latest_requests(&world), 2);
+    let (id_b, b) = publish_system(&world, "b", "k1", &cuts_the_host_off(&world, "b"));
+    let run = pass_that_loses_hydra(&world, "b", &["--confirm-timeout", "3"]);
+    assert_exit(&run, 3);
+    let error = run.error();
+    assert!(
+        error.contains(&format!(
+            "build {id_b} ({b}) failed to activate: switch-to-configuration switch succeeded, \
+             but then hail could not reach Hydra for 3 s"
+        )),
+        "{run:?}"
+    );
+    assert!(error.contains("rolled back to generation 1"), "{run:?}");
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(system_generations(&world), [1]);
+    let ran = switches(&world);
+    assert!(
+        ran.last()
+            .is_some_and(|l| l.starts_with("switch system=a op=switch ")
+                && l.contains(&format!("previous={b} "))),
+        "{ran:?}"
+    );
+
+    // Hydra answers again: b is remembered as failed, not switched to again.
+    world.hydra.clear_faults();
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 3);
+    assert!(run.error().contains("failed to activate"), "{run:?}");
+    assert_eq!(switches(&world).len(), ran.len());
+
+    // --confirm-timeout 0: no check after the switch, so the same loss is no failure.
+    let (_, c) = publish_system(&world, "c", "k1", &cuts_the_host_off(&world, "c"));
+    let asked = latest_requests(&world);
+    let run = pass_that_loses_hydra(&world, "c", &["--confirm-timeout", "0"]);
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(c.as_str()));
+    assert_eq!(latest_requests(&world), asked + 1, "Hydra was asked again");
+}
+
+/// A fake `systemctl` first on PATH, recording its arguments; returns the
+/// PATH to run hail with and the file it records to.
+fn fake_systemctl(world: &World) -> (std::ffi::OsString, PathBuf) {
+    let bin = world.path("fake-bin");
+    std::fs::create_dir_all(&bin).expect("fake bin dir");
+    let log = world.path("systemctl.log");
+    let systemctl = bin.join("systemctl");
+    std::fs::write(
+        &systemctl,
+        format!("#!/bin/sh\necho \"$*\" >> {}\n", log.display()),
+    )
+    .expect("write the fake systemctl");
+    std::fs::set_permissions(
+        &systemctl,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("make it executable");
+    let path = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(
+        &std::env::var_os("PATH").expect("PATH is set"),
+    )))
+    .expect("a PATH");
+    (path, log)
+}
+
+/// The local time as `date` says, in minutes after midnight.
+fn local_minute() -> u16 {
+    let output = Command::new("date").arg("+%H:%M").output().expect("date");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (h, m) = text.trim().split_once(':').expect("HH:MM");
+    h.parse::<u16>().expect("hours") * 60 + m.parse::<u16>().expect("minutes")
+}
+
+/// A window from `from` to `to` minutes after now (either may be negative).
+fn window(from: i32, to: i32) -> String {
+    let now = i32::from(local_minute());
+    let time = |offset: i32| {
+        let m = (now + offset).rem_euclid(24 * 60);
+        format!("{:02}:{:02}", m / 60, m % 60)
+    };
+    format!("{}-{}", time(from), time(to))
+}
+
+/// A pass on the profile system with the fake systemctl, booted into `booted`.
+fn pass_booted(world: &World, path: &std::ffi::OsStr, booted: &str, extra: &[&str]) -> Run {
+    let mut cmd = hail_system(world, extra);
+    cmd.env("PATH", path).env("HAIL_BOOTED_SYSTEM", booted);
+    world.run(cmd)
+}
+
+/// The value of the metric `name` for the profile system, from valid Prometheus text.
+fn metric(metrics: &Path, name: &str) -> Option<f64> {
+    parse_prometheus(&read_existing(metrics), SYSTEM)
+        .get(&format!("{name}{{profile=\"system\"}}"))
+        .copied()
+}
+
+#[test]
+fn a_new_kernel_is_booted_into_inside_the_reboot_window_only() {
+    let (world, _, a) = deployed_a();
+    let (path, rebooted) = fake_systemctl(&world);
+    let metrics = world.path("system.prom");
+    let metrics_arg = metrics.to_str().expect("a UTF-8 path");
+    let (id_b, b) = publish_system(&world, "b", "k2", "");
+
+    // Outside the window: b becomes the boot default, the reboot waits.
+    let outside = window(60, 120);
+    let run = pass_booted(
+        &world,
+        &path,
+        &a,
+        &[
+            "--allow-reboot",
+            "--reboot-window",
+            &outside,
+            "--metrics-file",
+            metrics_arg,
+        ],
+    );
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(b.as_str()));
+    assert!(
+        switches(&world)
+            .last()
+            .is_some_and(|l| l.starts_with(&format!("switch system=b op=boot build={id_b} "))),
+        "{:?}",
+        switches(&world)
+    );
+    assert_eq!(
+        read_if_exists(&rebooted),
+        None,
+        "rebooted outside the window"
+    );
+    assert!(run.stderr.contains("reboot pending"), "{run:?}");
+    let reboot = &state(&world)["reboot"];
+    assert_eq!(reboot["store_path"], json!(b));
+    assert_eq!(reboot["by_hail"], json!(true));
+    assert_eq!(reboot["requested"], Value::Null);
+    let table = status_table(&world);
+    assert!(
+        table.contains("reboot pending since")
+            && table.contains(&format!("hail reboots the host inside {outside}")),
+        "{table}"
+    );
+    assert_eq!(metric(&metrics, "hail_reboot_pending"), Some(1.0));
+    assert_eq!(metric(&metrics, "hail_reboot_required"), Some(1.0));
+
+    // A later pass inside the window reboots, switching nothing.
+    let inside = window(-5, 5);
+    let run = pass_booted(
+        &world,
+        &path,
+        &a,
+        &["--allow-reboot", "--reboot-window", &inside],
+    );
+    assert_exit(&run, 0);
+    assert_eq!(
+        read_if_exists(&rebooted).as_deref(),
+        Some("reboot\n"),
+        "{run:?}"
+    );
+    assert_eq!(switches(&world).len(), 2);
+    assert!(state(&world)["reboot"]["requested"]["at"].is_u64());
+
+    // Booted into b: nothing pending any more, no second reboot.
+    let run = pass_booted(
+        &world,
+        &path,
+        &b,
+        &["--allow-reboot", "--metrics-file", metrics_arg],
+    );
+    assert_exit(&run, 0);
+    assert_eq!(state(&world)["reboot"], Value::Null);
+    assert_eq!(read_if_exists(&rebooted).as_deref(), Some("reboot\n"));
+    assert_eq!(metric(&metrics, "hail_reboot_required"), Some(0.0));
+}
+
+#[test]
+fn without_allow_reboot_a_new_kernel_is_switched_to_and_reported() {
+    let (world, _, a) = deployed_a();
+    let (path, rebooted) = fake_systemctl(&world);
+    let metrics = world.path("system.prom");
+    let metrics_arg = metrics.to_str().expect("a UTF-8 path");
+    let (_, b) = publish_system(&world, "b", "k2", "");
+    let run = pass_booted(&world, &path, &a, &["--metrics-file", metrics_arg]);
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(b.as_str()));
+    assert!(
+        switches(&world)
+            .last()
+            .is_some_and(|l| l.starts_with("switch system=b op=switch ")),
+        "{:?}",
+        switches(&world)
+    );
+    assert!(
+        run.stderr.contains(&format!(
+            "reboot required: the kernel, initrd or kernel modules of {b} are not the booted \
+             system's ({a}); reboot the host to run them"
+        )),
+        "{run:?}"
+    );
+    assert_eq!(read_if_exists(&rebooted), None);
+    assert_eq!(state(&world)["reboot"]["by_hail"], json!(false));
+    assert!(
+        status_table(&world).contains("reboot required since"),
+        "{}",
+        status_table(&world)
+    );
+    assert_eq!(metric(&metrics, "hail_reboot_required"), Some(1.0));
+    assert_eq!(metric(&metrics, "hail_reboot_pending"), Some(0.0));
+
+    // With --allow-reboot, a system with the booted kernel is switched to
+    // (no reboot), and nothing is required any more.
+    let (_, c) = publish_system(&world, "c", "k1", "");
+    let run = pass_booted(&world, &path, &a, &["--allow-reboot"]);
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(c.as_str()));
+    assert!(
+        switches(&world)
+            .last()
+            .is_some_and(|l| l.starts_with("switch system=c op=switch ")),
+        "{:?}",
+        switches(&world)
+    );
+    assert_eq!(read_if_exists(&rebooted), None);
+    assert_eq!(state(&world)["reboot"], Value::Null);
+}
+
+/// Runs `cmd` with NOTIFY_SOCKET set to a socket of the test's, read as
+/// systemd reads it, while it runs (a full socket would block the sender);
+/// returns the run and every `STATUS=` hail sent.
+fn run_with_status(world: &World, mut cmd: Command) -> (Run, Vec<String>) {
+    let dir = tempfile::tempdir().expect("socket dir");
+    let socket_path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("a read timeout");
+    cmd.env("NOTIFY_SOCKET", &socket_path);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let mut statuses = Vec::new();
+            let mut buf = vec![0; 65536];
+            loop {
+                match socket.recv(&mut buf) {
+                    Ok(n) => statuses.extend(
+                        String::from_utf8_lossy(&buf[..n])
+                            .lines()
+                            .filter_map(|l| l.strip_prefix("STATUS="))
+                            .map(str::to_owned),
+                    ),
+                    Err(_) if done.load(Ordering::SeqCst) => return statuses,
+                    Err(_) => {}
+                }
+            }
+        });
+        let run = world.run(cmd);
+        done.store(true, Ordering::SeqCst);
+        (run, reader.join().expect("the notify reader"))
+    })
+}
+
+#[test]
+fn substitution_progress_is_shown_for_systems_and_profiles() {
+    let world = World::new();
+    let (_, a) = publish_system(&world, "a", "k1", "");
+    let (run, statuses) = run_with_status(&world, hail_system(&world, &[]));
+    assert_exit(&run, 0);
+    // The system, its kernel, initrd and modules.
+    let copying: Vec<&String> = statuses
+        .iter()
+        .filter(|s| s.starts_with(&format!("realising {a}: copying path ")))
+        .collect();
+    assert_eq!(copying.len(), 4, "{statuses:?}");
+    assert!(
+        copying[3].contains("copying path 4 of 4 (") && copying[3].contains(" MiB download"),
+        "{statuses:?}"
+    );
+    assert!(
+        run.stderr
+            .contains(&format!("realised {a}: fetched 4 path(s) (")),
+        "{run:?}"
+    );
+
+    let (_, web) = world.publish("web");
+    let (run, statuses) = run_with_status(&world, world.hail());
+    assert_exit(&run, 0);
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s.starts_with(&format!("realising {web}: copying path 1 of 1 ("))),
+        "{statuses:?}"
+    );
+    assert!(run.stderr.contains("fetched 1 path(s)"), "{run:?}");
+}
+
+#[test]
+fn holds_dry_runs_build_ages_and_pruning_work_for_systems() {
+    let (world, _, a) = deployed_a();
+    let (id_b, _) = publish_system(&world, "b", "k1", "");
+    assert_exit(&system_pass(&world, &[]), 0);
+
+    // An operator rolls the system back: hail holds, switching nothing.
+    crate::common::cache::run(
+        Command::new("nix-env")
+            .arg("-p")
+            .arg(world.profiles_dir().join(SYSTEM))
+            .arg("--rollback"),
+    );
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 0);
+    assert!(run.stderr.contains("holding"), "{run:?}");
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(switches(&world).len(), 2);
+    assert_eq!(state(&world)["held"]["build_id"], json!(id_b));
+
+    // A newer build, too young: a dry run says what would happen, a pass waits.
+    let (id_c, c) = publish_system(&world, "c", "k1", "");
+    let run = system_pass(&world, &["--dry-run"]);
+    assert_exit(&run, 0);
+    assert!(
+        run.stdout
+            .contains(&format!("would deploy build {id_c} {c}")),
+        "{run:?}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    world.hydra.set_stoptime(id_c, now - 60);
+    let run = system_pass(&world, &["--min-build-age", "1h"]);
+    assert_exit(&run, 0);
+    assert!(run.stderr.contains("eligible at"), "{run:?}");
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(switches(&world).len(), 2);
+
+    // Old enough: deployed, and the old generations pruned.
+    world.hydra.set_stoptime(id_c, now - 7200);
+    let run = system_pass(
+        &world,
+        &["--min-build-age", "1h", "--keep-generations", "1"],
+    );
+    assert_exit(&run, 0);
+    assert_eq!(system_target(&world).as_deref(), Some(c.as_str()));
+    assert_eq!(system_generations(&world), [3]);
+    assert!(
+        switches(&world).last().is_some_and(|l| l
+            .starts_with(&format!("switch system=c op=switch build={id_c} "))
+            && l.contains(&format!("previous={a} "))),
+        "{:?}",
+        switches(&world)
+    );
+}
