@@ -380,6 +380,19 @@ impl Client {
         (latest, None)
     }
 
+    /// Whether Hydra answers the pass's first request as it should (a
+    /// redirect to a build, or for `--wait-for-jobset` to an evaluation),
+    /// whichever build it names: after a NixOS switch, the proof that the
+    /// host can still reach Hydra. A newer build that could not be deployed
+    /// is no reason to call Hydra unreachable.
+    pub fn confirm_reachable(&self) -> Result<()> {
+        let (url, kind) = match &self.selection {
+            Selection::WholeJobset { .. } => (self.job.latest_eval_url(), "eval"),
+            redirecting => (format!("{}/{redirecting}", self.job.url()), "build"),
+        };
+        self.redirect_target(&url, kind).map(|_| ())
+    }
+
     /// What a build id means here: the job, the selection and the output.
     /// Only a deployment made with the same source may skip `/build/ID`.
     pub fn source(&self) -> String {

@@ -205,8 +205,8 @@ impl Nixos {
         let mut tries = 0;
         loop {
             tries += 1;
-            let err = match hydra.latest(Some(build.id)) {
-                Ok(_) => return activation,
+            let err = match hydra.confirm_reachable() {
+                Ok(()) => return activation,
                 Err(err) => err,
             };
             let now = Instant::now();
