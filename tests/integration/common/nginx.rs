@@ -12,6 +12,8 @@ use tempfile::TempDir;
 const START_LIMIT: Duration = Duration::from_secs(10);
 /// Ports are picked free and may be taken before nginx binds them: tries.
 const START_ATTEMPTS: usize = 5;
+/// How long a request's log line may lag behind its answer.
+const LOG_LIMIT: Duration = Duration::from_secs(5);
 
 pub struct Nginx {
     pub port: u16,
@@ -83,6 +85,19 @@ impl Nginx {
 
     pub fn origin(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The access log once it has at least `lines` lines (nginx logs a
+    /// request just after answering it), or after a few seconds: all of it.
+    pub fn access_log_of(&self, lines: usize) -> Vec<Logged> {
+        let deadline = Instant::now() + LOG_LIMIT;
+        loop {
+            let log = self.access_log();
+            if log.len() >= lines || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Every request nginx has logged so far, oldest first.
