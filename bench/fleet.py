@@ -484,7 +484,9 @@ class Fleet:
         }
         # Both builds are in /nix/store already: nothing to substitute.
         self.env["NIX_CONFIG"] = "substituters =\nbuild-users-group =\n"
-        self.rng = random.Random(cfg["seed"])
+        # A generator per host: each host's timer draws the same delays in
+        # both modes, whatever order the passes end in.
+        self.rng = {h: random.Random(f"{cfg['seed']}-{h}") for h in self.hosts}
         self.passes = []
         self.failures = []
 
@@ -550,9 +552,13 @@ class Fleet:
                 running.append((host, self.start(host), time.monotonic()))
             time.sleep(0.005)
             for entry in list(running):
-                if entry[1].poll() is not None:
+                host, proc, started = entry
+                if proc.poll() is None and time.monotonic() - started > PASS_TIMEOUT:
+                    proc.kill()
+                    proc.wait()
+                if proc.poll() is not None:
                     running.remove(entry)
-                    self.finish(*entry)
+                    self.finish(host, proc, started)
         wrong = [h for h in self.hosts if self.target(h) != path]
         if wrong:
             die(f"after the first passes {len(wrong)} hosts are not at {path}: {self.failures[:3]}")
@@ -566,7 +572,7 @@ class Fleet:
         jitter = self.cfg["jitter"] / self.cfg["scale"]
         # A fleet that has run for a while: each host somewhere in its cycle.
         due = [
-            (t0 + self.rng.uniform(0, period + self.rng.uniform(0, jitter)), h)
+            (t0 + self.rng[h].uniform(0, period + self.rng[h].uniform(0, jitter)), h)
             for h in self.hosts
         ]
         heapq.heapify(due)
@@ -588,7 +594,8 @@ class Fleet:
                 record = self.finish(host, proc, started)
                 if built and host not in deployed and record["target"] == path_new:
                     deployed[host] = record
-                heapq.heappush(due, (record["end"] + period + self.rng.uniform(0, jitter), host))
+                delay = period + self.rng[host].uniform(0, jitter)
+                heapq.heappush(due, (record["end"] + delay, host))
             if (built and len(deployed) == len(self.hosts)) or now >= deadline:
                 break
             while due and due[0][0] <= now:
