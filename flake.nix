@@ -63,6 +63,7 @@
             "pass"
             "faults"
             "files"
+            "front"
             "messages"
             "bounded"
             "observe"

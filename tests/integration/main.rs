@@ -9,6 +9,7 @@ mod common;
 mod docs;
 mod faults;
 mod files;
+mod front;
 mod messages;
 mod nixlib;
 mod nixos;

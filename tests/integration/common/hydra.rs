@@ -46,6 +46,8 @@ pub enum Fault {
     Close,
     /// 302 to this Location (as a misconfigured proxy or a loop would).
     Redirect(String),
+    /// Answer as usual, this much later (a busy Hydra).
+    Delay(Duration),
 }
 
 #[derive(Default)]
@@ -276,10 +278,9 @@ fn serve(conn: TcpStream, shared: &Mutex<Shared>, stop: &AtomicBool) {
                 .iter()
                 .find(|(suffix, _)| request.path.ends_with(suffix.as_str()))
                 .map(|(_, f)| f.clone());
-            let response = if fault.is_none() {
-                Some(answer(&s, &request))
-            } else {
-                None
+            let response = match fault {
+                None | Some(Fault::Delay(_)) => Some(answer(&s, &request)),
+                Some(_) => None,
             };
             (fault, response)
         };
@@ -305,8 +306,12 @@ fn serve(conn: TcpStream, shared: &Mutex<Shared>, stop: &AtomicBool) {
                 encode(status, &[("Content-Type", ctype)], &body)
             }
             (Some(Fault::Redirect(location)), _) => redirect(302, &location),
+            (Some(Fault::Delay(delay)), Some(bytes)) => {
+                std::thread::sleep(delay);
+                bytes
+            }
             (None, Some(bytes)) => bytes,
-            (None, None) => return,
+            (None | Some(Fault::Delay(_)), None) => return,
         };
         // Catalyst under Plack answers HEAD as GET without the body
         // (Plack::Middleware::Head): headers, Content-Length included.

@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod container;
 pub mod hydra;
+pub mod nginx;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
