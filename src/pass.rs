@@ -872,6 +872,15 @@ impl Pass {
     /// `bin/deactivate`, if it has one) and remove the profile, so that
     /// nothing half-activated comes back at boot.
     fn remove_profile(&self, state: &mut State, rollback: &Rollback) -> Result<String> {
+        // The boot loader reads the system profile: without it the host has
+        // nothing to boot. Leave it to an operator (the rollback stays recorded).
+        if system::is_system_profile(&self.profile.name) {
+            anyhow::bail!(
+                "the system profile had no earlier generation to go back to, and hail does not \
+                 remove it: boot the previous configuration, or run `nixos-rebuild switch` with \
+                 one that works"
+            );
+        }
         let failed = self
             .store
             .parse(&rollback.store_path)

@@ -215,6 +215,20 @@ fn a_system_is_switched_to_and_left_alone_at_boot() {
 }
 
 #[test]
+fn a_first_system_that_fails_to_switch_is_never_removed() {
+    let world = World::new();
+    let (_, a) = publish_system(&world, "a", "k1", "exit 4");
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 3);
+    assert!(run.error().contains("does not remove it"), "{run:?}");
+    // The boot loader's profile is still there, and the rollback stays
+    // recorded for the next pass (or an operator).
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(system_generations(&world), [1]);
+    assert!(state(&world)["rolling_back"].is_object(), "{run:?}");
+}
+
+#[test]
 fn a_failed_switch_rolls_back_to_the_previous_system() {
     let (world, _, a) = deployed_a();
     let (id_b, b) = publish_system(
