@@ -21,6 +21,11 @@
 # There is no `services.hail.enable`: the module does something as soon as an instance
 # is defined, and nothing at all while `services.hail.instances` is empty.
 #
+# An instance with `profile = "system"` deploys the whole NixOS host: hail switches
+# to the job's system with its switch-to-configuration. Its operation,
+# confirmTimeout, allowReboot and rebootWindow options are named after
+# system.autoUpgrade's, and only such an instance may set them (docs/nixos-hosts.md).
+#
 # Style: no `with lib;`; the same conventions as nixpkgs' system.autoUpgrade module.
 { config, lib, ... }:
 
@@ -141,17 +146,63 @@ let
   escapeSystemdExecArg = arg: lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON arg);
   escapeSystemdExecArgs = args: lib.concatMapStringsSep " " escapeSystemdExecArg args;
 
-  # The variables options set, with the option to use instead (`<name>.` is the
+  # The variables options set, with the option to use instead (`.` stands for the
   # instance's own); an instance's `environment` must not set them as well.
   reservedVariables = {
     HAIL_PROFILE = ".profile";
     HAIL_JOB_URI = ".jobUri";
     HAIL_NETRC_FILE = ".netrcFile";
     HAIL_KEEP_GENERATIONS = ".keepGenerations";
+    HAIL_NIXOS_OPERATION = ".operation";
+    HAIL_CONFIRM_TIMEOUT = ".confirmTimeout";
+    HAIL_ALLOW_REBOOT = ".allowReboot";
+    HAIL_REBOOT_WINDOW = ".rebootWindow";
     HAIL_METRICS_FILE = "services.hail.metricsDir";
     HAIL_PROFILES_DIR = "services.hail.profilesDir";
     HAIL_STATE_DIR = "services.hail.stateDir";
   };
+
+  # The one profile hail deploys NixOS systems to (src/system.rs), and the only
+  # directory where NixOS boots its generations.
+  systemProfile = "system";
+  nixosProfilesDir = "/nix/var/nix/profiles";
+  isSystemInstance = instance: instance.profile == systemProfile;
+
+  # hail's own defaults for the options of a system instance (src/cli.rs); the
+  # options default to them, and another instance must leave them so.
+  systemDefaults = {
+    operation = "switch";
+    confirmTimeout = 60;
+  };
+
+  # The options of a system instance that are not at their defaults.
+  systemOptionsSet =
+    instance:
+    lib.attrNames (
+      lib.filterAttrs (_: isSet: isSet) {
+        operation = instance.operation != systemDefaults.operation;
+        confirmTimeout = instance.confirmTimeout != systemDefaults.confirmTimeout;
+        allowReboot = instance.allowReboot;
+        rebootWindow = instance.rebootWindow != null;
+      }
+    );
+
+  # How a system instance's options reach hail: all of them, defaults included,
+  # so that `systemctl show hail@<name>` says how the host is deployed.
+  systemEnvironment =
+    instance:
+    {
+      HAIL_NIXOS_OPERATION = instance.operation;
+      HAIL_CONFIRM_TIMEOUT = toString instance.confirmTimeout;
+      HAIL_ALLOW_REBOOT = lib.boolToString instance.allowReboot;
+    }
+    // lib.optionalAttrs (instance.rebootWindow != null) {
+      HAIL_REBOOT_WINDOW = "${instance.rebootWindow.lower}-${instance.rebootWindow.upper}";
+    };
+
+  # HH:MM, as hail's --reboot-window reads it (system.autoUpgrade's own type,
+  # [[:digit:]]{2}:[[:digit:]]{2}, would let 25:00 through to fail every pass).
+  timeOfDay = lib.types.strMatching "([01][0-9]|2[0-3]):[0-5][0-9]";
 
   # A profile name, relative to the profiles directory: `web` or `hail-profiles/web`.
   # The same rules as hail's own `--profile` check.
@@ -180,6 +231,18 @@ let
   # systemd-escape(1) treatment, so that `systemctl start hail@<name>` just works.
   instanceNameIsValid = name: builtins.match "[A-Za-z0-9_.:-]+" name != null;
 
+  # The enabled instances that deploy the system, as option paths' last part.
+  systemInstanceNames = map lib.strings.escapeNixIdentifier (
+    lib.attrNames (lib.filterAttrs (_: isSystemInstance) enabledInstances)
+  );
+
+  duplicateProfileFix =
+    profile:
+    if profile == systemProfile then
+      "a host runs one NixOS system, from one Hydra job. Keep one instance with profile = \"${systemProfile}\" and disable or remove the others."
+    else
+      "give each its own services.hail.instances.<name>.profile, or disable all but one.";
+
   profilesUsedTwice = lib.filterAttrs (_: names: lib.length names > 1) (
     lib.groupBy' (names: name: names ++ [ name ]) [ ] (name: enabledInstances.${name}.profile) (
       lib.attrNames enabledInstances
@@ -193,6 +256,7 @@ let
       clashing = lib.filter (variable: lib.hasAttr variable instance.environment) (
         lib.attrNames reservedVariables
       );
+      systemOptions = systemOptionsSet instance;
       instead =
         variable:
         let
@@ -235,10 +299,46 @@ let
           set: use ${lib.concatMapStringsSep ", " instead clashing} instead.
         '';
       }
+      {
+        assertion = isSystemInstance instance || systemOptions == [ ];
+        message = ''
+          ${option} sets ${lib.concatStringsSep ", " systemOptions}, which only
+          an instance deploying a NixOS system uses (profile = "${systemProfile}"). This one
+          deploys the profile "${instance.profile}", which hail activates with its bin/activate:
+          remove them, or, if its job builds a whole NixOS system
+          (config.system.build.toplevel), set ${option}.profile = "${systemProfile}".
+        '';
+      }
+      {
+        assertion = instance.rebootWindow == null || instance.allowReboot;
+        message = ''
+          ${option}.rebootWindow is set, but hail reboots only with
+          ${option}.allowReboot = true. Set that to reboot into a new kernel inside
+          the window, or remove rebootWindow (hail then switches and reports "reboot required").
+        '';
+      }
+      {
+        assertion =
+          instance.rebootWindow == null || instance.rebootWindow.lower != instance.rebootWindow.upper;
+        message = ''
+          ${option}.rebootWindow is empty (lower = upper = "${instance.rebootWindow.lower}").
+          Give the window a length, for example { lower = "02:00"; upper = "04:00"; }, or set
+          it to null to reboot at any time.
+        '';
+      }
+      {
+        assertion = !isSystemInstance instance || cfg.profilesDir == nixosProfilesDir;
+        message = ''
+          ${option}.profile = "${systemProfile}" deploys to ${cfg.profilesDir}/${systemProfile}, but
+          NixOS boots only the generations of ${nixosProfilesDir}/${systemProfile}. On a host
+          hail deploys whole, leave services.hail.profilesDir at "${nixosProfilesDir}"; keep the
+          other instances' profiles apart with their own profile option (e.g. "hail-profiles/web").
+        '';
+      }
     ];
 
   instanceOptions =
-    { name, ... }:
+    { name, config, ... }:
     {
       options = {
         enable = lib.mkEnableOption "this hail instance" // {
@@ -366,7 +466,8 @@ let
 
         activateAtBoot = lib.mkOption {
           type = lib.types.bool;
-          default = true;
+          default = config.profile != systemProfile;
+          defaultText = lib.literalExpression ''profile != "${systemProfile}"'';
           example = false;
           description = ''
             Whether to run the deployed profile's `bin/activate` again at every boot,
@@ -376,6 +477,109 @@ let
             When the profile does not exist yet, the unit does nothing and succeeds.
             The unit also runs when a switch adds the instance. Without it,
             `systemctl start hail-activate@<name>` still activates the profile by hand.
+
+            Off for the profile `"system"`: NixOS activates the system it boots
+            itself, and `hail activate` does nothing for it.
+          '';
+        };
+
+        operation = lib.mkOption {
+          type = lib.types.enum [
+            "switch"
+            "boot"
+          ];
+          default = systemDefaults.operation;
+          example = "boot";
+          description = ''
+            Only for {option}`services.hail.instances.<name>.profile` = `"system"`.
+            What the new system's `bin/switch-to-configuration` does once hail has
+            made it the profile's new generation, as with
+            {option}`system.autoUpgrade.operation`: `"switch"` activates it now and
+            makes it the boot default (`nixos-rebuild switch`); `"boot"` only makes it
+            the boot default, and it runs from the next reboot, whoever does that
+            (`nixos-rebuild boot`). It becomes `HAIL_NIXOS_OPERATION`.
+
+            With {option}`services.hail.instances.<name>.allowReboot` hail decides
+            instead, per system: `boot` and a reboot when it needs one, `switch`
+            otherwise.
+          '';
+        };
+
+        confirmTimeout = lib.mkOption {
+          type = lib.types.ints.between 0 86400;
+          default = systemDefaults.confirmTimeout;
+          example = 300;
+          description = ''
+            Only for {option}`services.hail.instances.<name>.profile` = `"system"`.
+            After a successful `switch` (not after a `boot`, which leaves the running
+            system as it is), how many seconds hail keeps asking the Hydra
+            job (its `<jobUri>/latest`, every 2 s) before it decides that the new
+            system cut the host off and rolls it back: the previous generation is
+            switched to again, the new one deleted, and its build not deployed again
+            while it is the job's latest. `0` does not check. It becomes
+            `HAIL_CONFIRM_TIMEOUT`.
+
+            Give a new network configuration the time it needs to come up (DHCP, a
+            VPN). The pass's backstop,
+            `systemd.services."hail@<name>".serviceConfig.TimeoutStartSec` (4 h),
+            must stay above it plus the switch.
+          '';
+        };
+
+        allowReboot = lib.mkOption {
+          type = lib.types.bool;
+          default = false;
+          example = true;
+          description = ''
+            Only for {option}`services.hail.instances.<name>.profile` = `"system"`.
+            Reboot the host into a new system whose kernel, initrd or kernel modules
+            differ from the booted system's, as {option}`system.autoUpgrade.allowReboot`
+            does: hail runs `switch-to-configuration boot`, then `systemctl reboot`
+            (inside {option}`services.hail.instances.<name>.rebootWindow`, if set).
+            A system that needs no reboot is switched to (`switch`, whatever
+            {option}`services.hail.instances.<name>.operation` says). hail reboots
+            once per system: a host that comes back running another one (chosen in
+            the boot menu) is not rebooted again for it. It becomes
+            `HAIL_ALLOW_REBOOT`.
+
+            Without it hail switches to such a system too (the new kernel waits
+            for the next reboot) and reports *reboot required* in its log,
+            `hail status` and the metrics.
+          '';
+        };
+
+        rebootWindow = lib.mkOption {
+          type = lib.types.nullOr (
+            lib.types.submodule {
+              options = {
+                lower = lib.mkOption {
+                  type = timeOfDay;
+                  example = "01:00";
+                  description = "Start of the reboot window, local time (HH:MM).";
+                };
+                upper = lib.mkOption {
+                  type = timeOfDay;
+                  example = "05:00";
+                  description = "End of the reboot window, local time (HH:MM), not included.";
+                };
+              };
+            }
+          );
+          default = null;
+          example = {
+            lower = "01:00";
+            upper = "05:00";
+          };
+          description = ''
+            Only with {option}`services.hail.instances.<name>.allowReboot`. The
+            local times between which hail may reboot the host, as
+            {option}`system.autoUpgrade.rebootWindow`; a window whose `upper` comes
+            before its `lower` wraps midnight (`23:00` to `04:00`). Outside it a
+            system that needs a reboot waits as the boot default, *reboot pending*,
+            and the first pass inside the window reboots: make
+            {option}`services.hail.instances.<name>.pollPeriod` shorter than the
+            window. `null` (the default) reboots at any time. It becomes
+            `HAIL_REBOOT_WINDOW=<lower>-<upper>`.
           '';
         };
 
@@ -429,9 +633,8 @@ let
           description = ''
             Extra environment variables for the pass (and for the boot-time activation),
             for example `HAIL_TIMEOUT` or `NIX_CONFIG`. Variables that options set
-            (`HAIL_PROFILE`, `HAIL_JOB_URI`, `HAIL_NETRC_FILE`,
-            `HAIL_KEEP_GENERATIONS`, `HAIL_METRICS_FILE`, `HAIL_PROFILES_DIR`,
-            `HAIL_STATE_DIR`) cannot be set here. The values end up in the
+            (${lib.concatMapStringsSep ", " (variable: "`${variable}`") (lib.attrNames reservedVariables)})
+            cannot be set here. The values end up in the
             world-readable unit files in the Nix store: put secrets into
             {option}`services.hail.instances.<name>.environmentFile` instead.
 
@@ -674,10 +877,18 @@ in
             assertion = false;
             message = ''
               services.hail.instances.{${lib.concatStringsSep ", " names}} all deploy the profile
-              "${profile}". Two instances would fight over it: give each its own
-              services.hail.instances.<name>.profile, or disable all but one.
+              "${profile}". Two instances would fight over it: ${duplicateProfileFix profile}
             '';
-          }) profilesUsedTwice;
+          }) profilesUsedTwice
+          ++ map (name: {
+            assertion = !config.system.autoUpgrade.enable;
+            message = ''
+              services.hail.instances.${name} deploys this host's NixOS system, and
+              system.autoUpgrade.enable is true: both would switch the system, each undoing
+              the other. Set system.autoUpgrade.enable = false; the instance's operation,
+              allowReboot and rebootWindow options do what autoUpgrade's did.
+            '';
+          }) systemInstanceNames;
 
         systemd.services = lib.mkMerge [
           {
@@ -774,6 +985,7 @@ in
                 // lib.optionalAttrs (cfg.metricsDir != null) {
                   HAIL_METRICS_FILE = "${cfg.metricsDir}/hail-${name}.prom";
                 }
+                // lib.optionalAttrs (isSystemInstance instance) (systemEnvironment instance)
                 // instance.environment;
               onFailure = instance.onFailure;
               serviceConfig =

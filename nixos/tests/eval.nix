@@ -3,7 +3,7 @@
 #
 # The module is evaluated together with small stand-ins for the NixOS options it uses
 # (systemd.services, systemd.timers, systemd.tmpfiles.rules, systemd.package, assertions,
-# nix.package), typed like
+# nix.package, system.autoUpgrade.enable), typed like
 # NixOS's own so that a misspelt option or a wrong type fails here too, for
 # configurations whose outcome is known. Run it with
 #
@@ -12,8 +12,8 @@
 #
 # `cases` is what tests/integration/nixos.rs checks in detail; `expectations` is the
 # same checks' gist in Nix, used by the flake's `checks.<system>.module-eval`.
-# `missingJobUri`, `noPackage` and `secretInStore` must fail to evaluate (with the
-# option's name in the error); evaluate them separately.
+# `missingJobUri`, `noPackage`, `secretInStore` and `badRebootTime` must fail to
+# evaluate (with the option's name in the error); evaluate them separately.
 { lib }:
 
 let
@@ -167,6 +167,10 @@ let
         type = types.listOf types.str;
         default = [ ];
       };
+      system.autoUpgrade.enable = mkOption {
+        type = types.bool;
+        default = false;
+      };
     };
   };
 
@@ -193,7 +197,16 @@ let
 
   jobUri = job: "https://hydra.example.org/job/infra/main/${job}";
 
-  # Each case is a services.hail configuration.
+  # A whole NixOS host deployed from the job hosts.web1.
+  systemInstance =
+    settings:
+    {
+      profile = "system";
+      jobUri = jobUri "hosts.web1";
+    }
+    // settings;
+
+  # Each case is a services.hail configuration (autoUpgradeToo: with system.autoUpgrade).
   cases = lib.mapAttrs (_: hail: summarize (evalHail hail)) {
     good.instances = {
       web = {
@@ -318,7 +331,83 @@ let
       jobUri = jobUri "web";
       environment.HAIL_JOB_URI = jobUri "other";
       environment.HAIL_STATE_DIR = "/srv/hail";
+      environment.HAIL_ALLOW_REBOOT = "true";
     };
+
+    # A host deployed whole, rebooting for new kernels at night, beside a profile.
+    systemRebooting.instances = {
+      system = systemInstance {
+        allowReboot = true;
+        rebootWindow = {
+          lower = "23:30";
+          upper = "04:00";
+        };
+        confirmTimeout = 300;
+      };
+      web.jobUri = jobUri "web";
+    };
+
+    # Only the profile decides: any instance name, and hail's defaults spelt out.
+    systemDefaults.instances.host = systemInstance { };
+
+    systemBoot.instances.host = systemInstance {
+      operation = "boot";
+      confirmTimeout = 0;
+    };
+
+    systemOptionsElsewhere.instances.web = {
+      jobUri = jobUri "web";
+      operation = "boot";
+      confirmTimeout = 0;
+      allowReboot = true;
+      rebootWindow = {
+        lower = "02:00";
+        upper = "04:00";
+      };
+    };
+
+    rebootWindowWithoutAllowReboot.instances.system = systemInstance {
+      rebootWindow = {
+        lower = "02:00";
+        upper = "04:00";
+      };
+    };
+
+    emptyRebootWindow.instances.system = systemInstance {
+      allowReboot = true;
+      rebootWindow = {
+        lower = "03:00";
+        upper = "03:00";
+      };
+    };
+
+    twoSystemInstances.instances = {
+      system = systemInstance { };
+      system-canary = systemInstance { jobUri = jobUri "hosts.web1-canary"; };
+    };
+
+    systemOutsideNixosProfiles = {
+      profilesDir = "/nix/var/nix/profiles/hail";
+      instances.system = systemInstance { };
+    };
+  }
+  // {
+    autoUpgradeToo = summarize (evalWith {
+      services.hail = {
+        package = fakeHail;
+        instances.system = systemInstance { };
+      };
+      system.autoUpgrade.enable = true;
+    });
+
+    # system.autoUpgrade with profiles only: nothing to fight over.
+    autoUpgradeAndProfiles = summarize (evalWith {
+      services.hail = {
+        package = fakeHail;
+        instances.web.jobUri = jobUri "web";
+      };
+      system.autoUpgrade.enable = true;
+    });
   };
 
   # Must fail: jobUri has no default.
@@ -331,6 +420,17 @@ let
     instances.web = {
       jobUri = jobUri "web";
       environmentFile = "/nix/store/00000000000000000000000000000000-hail-web.env";
+    };
+  });
+
+  # Must fail: 24:00 is no time of day (hail's --reboot-window would refuse it).
+  badRebootTime = summarize (evalHail {
+    instances.system = systemInstance {
+      allowReboot = true;
+      rebootWindow = {
+        lower = "22:00";
+        upper = "24:00";
+      };
     };
   });
 
@@ -443,6 +543,34 @@ let
     badProfileFailsEach = lib.length cases.badProfile.failedAssertions == 7;
     badInstanceNameFails = anyMessage "becomes the systemd unit" cases.badInstanceName.failedAssertions;
     reservedEnvironmentFails = anyMessage "HAIL_JOB_URI" cases.reservedEnvironment.failedAssertions;
+    systemEnvironment =
+      cases.systemRebooting.services."hail@system".environment.HAIL_REBOOT_WINDOW == "23:30-04:00"
+      && cases.systemRebooting.services."hail@system".environment.HAIL_ALLOW_REBOOT == "true"
+      && cases.systemDefaults.services."hail@host".environment.HAIL_NIXOS_OPERATION == "switch"
+      && cases.systemDefaults.services."hail@host".environment.HAIL_CONFIRM_TIMEOUT == "60"
+      && cases.systemBoot.services."hail@host".environment.HAIL_NIXOS_OPERATION == "boot"
+      && !(cases.systemRebooting.services."hail@web".environment ? HAIL_NIXOS_OPERATION);
+    systemNotActivatedAtBoot =
+      cases.systemRebooting.services."hail-activate@system".wantedBy == [ ]
+      && cases.systemRebooting.services."hail-activate@web".wantedBy == [ "multi-user.target" ];
+    systemCasesPass = lib.all (case: cases.${case}.failedAssertions == [ ]) [
+      "systemRebooting"
+      "systemDefaults"
+      "systemBoot"
+      "autoUpgradeAndProfiles"
+    ];
+    systemOptionsElsewhereFails =
+      anyMessage "deploying a NixOS system uses" cases.systemOptionsElsewhere.failedAssertions;
+    rebootWindowWithoutAllowRebootFails =
+      anyMessage "hail reboots only with" cases.rebootWindowWithoutAllowReboot.failedAssertions;
+    emptyRebootWindowFails = anyMessage "rebootWindow is empty" cases.emptyRebootWindow.failedAssertions;
+    twoSystemInstancesFail =
+      anyMessage "a host runs one NixOS system" cases.twoSystemInstances.failedAssertions;
+    systemOutsideNixosProfilesFails =
+      anyMessage "NixOS boots only the generations" cases.systemOutsideNixosProfiles.failedAssertions;
+    autoUpgradeTooFails =
+      anyMessage "system.autoUpgrade.enable = false" cases.autoUpgradeToo.failedAssertions;
+    badRebootTimeFails = fails badRebootTime;
     missingJobUriFails = fails missingJobUri;
     noPackageFails = fails noPackage;
     secretInStoreFails = fails secretInStore;
@@ -454,6 +582,7 @@ in
     missingJobUri
     noPackage
     secretInStore
+    badRebootTime
     expectations
     ;
   hailPackage = "${fakeHail}";

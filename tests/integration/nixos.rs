@@ -530,8 +530,8 @@ fn bad_configurations_fail_with_the_fix() {
         &cases,
         "reservedEnvironment",
         &[&[
-            "services.hail.instances.web.environment sets HAIL_JOB_URI, HAIL_STATE_DIR",
-            "use services.hail.instances.web.jobUri, services.hail.stateDir instead",
+            "services.hail.instances.web.environment sets HAIL_ALLOW_REBOOT, HAIL_JOB_URI, HAIL_STATE_DIR",
+            "use services.hail.instances.web.allowReboot, services.hail.instances.web.jobUri, services.hail.stateDir instead",
         ]],
     );
 
@@ -552,11 +552,158 @@ fn bad_configurations_fail_with_the_fix() {
     );
 }
 
+/// The `HAIL_*` variables a system instance's options set, from `hail@NAME`'s environment.
+fn system_variables<'a>(case: &'a Value, name: &str) -> BTreeSet<(&'a str, &'a str)> {
+    let environment = &case["services"][format!("hail@{name}").as_str()]["environment"];
+    environment
+        .as_object()
+        .unwrap_or_else(|| panic!("hail@{name}: no environment in {case:#}"))
+        .iter()
+        .filter(|(key, _)| {
+            [
+                "HAIL_NIXOS_OPERATION",
+                "HAIL_CONFIRM_TIMEOUT",
+                "HAIL_ALLOW_REBOOT",
+                "HAIL_REBOOT_WINDOW",
+            ]
+            .contains(&key.as_str())
+        })
+        .map(|(key, value)| (key.as_str(), value.as_str().expect("a string")))
+        .collect()
+}
+
 #[test]
-fn missing_job_uri_and_package_and_secrets_in_the_store_fail_to_evaluate() {
-    let Some(lib) =
-        nixpkgs_lib("nixos::missing_job_uri_and_package_and_secrets_in_the_store_fail_to_evaluate")
-    else {
+fn a_system_instance_hands_its_options_to_hail() {
+    let Some(lib) = nixpkgs_lib("nixos::a_system_instance_hands_its_options_to_hail") else {
+        return;
+    };
+    let cases = eval_json(&lib, "cases");
+    for case in [
+        "systemRebooting",
+        "systemDefaults",
+        "systemBoot",
+        "autoUpgradeAndProfiles",
+    ] {
+        assert!(
+            messages(&cases[case]).is_empty(),
+            "case {case} fails: {:#}",
+            cases[case]
+        );
+    }
+
+    // Every option reaches hail, in the syntax of its command line.
+    let rebooting = &cases["systemRebooting"];
+    assert_eq!(
+        system_variables(rebooting, "system"),
+        BTreeSet::from([
+            ("HAIL_NIXOS_OPERATION", "switch"),
+            ("HAIL_CONFIRM_TIMEOUT", "300"),
+            ("HAIL_ALLOW_REBOOT", "true"),
+            ("HAIL_REBOOT_WINDOW", "23:30-04:00"),
+        ])
+    );
+    assert_eq!(
+        rebooting["services"]["hail@system"]["environment"]["HAIL_PROFILE"],
+        "system"
+    );
+    // The profile beside it gets none of them, and is still activated at boot.
+    assert!(system_variables(rebooting, "web").is_empty());
+    assert_eq!(
+        strings(&rebooting["services"]["hail-activate@web"]["wantedBy"]),
+        ["multi-user.target"]
+    );
+    // NixOS activates the system it boots: no hail-activate@ at boot for it.
+    assert!(
+        strings(&rebooting["services"]["hail-activate@system"]["wantedBy"]).is_empty(),
+        "{rebooting:#}"
+    );
+
+    // The profile decides, not the instance's name; the defaults are hail's, spelt out.
+    let defaults = &cases["systemDefaults"];
+    assert_eq!(
+        system_variables(defaults, "host"),
+        BTreeSet::from([
+            ("HAIL_NIXOS_OPERATION", "switch"),
+            ("HAIL_CONFIRM_TIMEOUT", "60"),
+            ("HAIL_ALLOW_REBOOT", "false"),
+        ])
+    );
+    assert!(strings(&defaults["services"]["hail-activate@host"]["wantedBy"]).is_empty());
+    assert_eq!(
+        system_variables(&cases["systemBoot"], "host"),
+        BTreeSet::from([
+            ("HAIL_NIXOS_OPERATION", "boot"),
+            ("HAIL_CONFIRM_TIMEOUT", "0"),
+            ("HAIL_ALLOW_REBOOT", "false"),
+        ])
+    );
+}
+
+#[test]
+fn system_misconfigurations_fail_with_the_fix() {
+    let Some(lib) = nixpkgs_lib("nixos::system_misconfigurations_fail_with_the_fix") else {
+        return;
+    };
+    let cases = eval_json(&lib, "cases");
+    assert_failures(
+        &cases,
+        "systemOptionsElsewhere",
+        &[&[
+            "services.hail.instances.web sets allowReboot, confirmTimeout, operation, rebootWindow,",
+            "deploying a NixOS system uses (profile = \"system\")",
+            "set services.hail.instances.web.profile = \"system\"",
+        ]],
+    );
+    assert_failures(
+        &cases,
+        "rebootWindowWithoutAllowReboot",
+        &[&[
+            "services.hail.instances.system.rebootWindow is set",
+            "services.hail.instances.system.allowReboot = true",
+            "or remove rebootWindow",
+        ]],
+    );
+    assert_failures(
+        &cases,
+        "emptyRebootWindow",
+        &[&[
+            "services.hail.instances.system.rebootWindow is empty (lower = upper = \"03:00\")",
+            "it to null to reboot at any time",
+        ]],
+    );
+    assert_failures(
+        &cases,
+        "twoSystemInstances",
+        &[&[
+            "services.hail.instances.{system, system-canary} all deploy the profile",
+            "\"system\". Two instances would fight over it",
+            "a host runs one NixOS system",
+            "Keep one instance with profile = \"system\"",
+        ]],
+    );
+    assert_failures(
+        &cases,
+        "systemOutsideNixosProfiles",
+        &[&[
+            "deploys to /nix/var/nix/profiles/hail/system",
+            "NixOS boots only the generations of /nix/var/nix/profiles/system",
+            "leave services.hail.profilesDir at \"/nix/var/nix/profiles\"",
+        ]],
+    );
+    assert_failures(
+        &cases,
+        "autoUpgradeToo",
+        &[&[
+            "services.hail.instances.system deploys this host's NixOS system",
+            "system.autoUpgrade.enable is true",
+            "Set system.autoUpgrade.enable = false",
+        ]],
+    );
+}
+
+#[test]
+fn missing_or_mistyped_values_fail_to_evaluate() {
+    let Some(lib) = nixpkgs_lib("nixos::missing_or_mistyped_values_fail_to_evaluate") else {
         return;
     };
     for (attr, expected) in [
@@ -565,6 +712,10 @@ fn missing_job_uri_and_package_and_secrets_in_the_store_fail_to_evaluate() {
         (
             "secretInStore",
             "services.hail.instances.web.environmentFile' is not of type `null or absolute path not in the Nix store'",
+        ),
+        (
+            "badRebootTime",
+            "services.hail.instances.system.rebootWindow.upper' is not of type `string matching the pattern",
         ),
     ] {
         let output = eval(&lib, attr);
@@ -611,9 +762,14 @@ fn generated_service_lines_pass_systemd_analyze() {
         eval_json(&lib, "hailPackage").as_str().expect("path")
     );
     let cases = eval_json(&lib, "cases");
-    let services = &cases["good"]["services"];
     let dir = temp_dir();
-    for instance in ["web", "db", "odd-args"] {
+    for (case, instance) in [
+        ("good", "web"),
+        ("good", "db"),
+        ("good", "odd-args"),
+        ("systemRebooting", "system"),
+    ] {
+        let services = &cases[case]["services"];
         for template in ["hail@", "hail-activate@"] {
             let dropin = &services[format!("{template}{instance}").as_str()];
             let mut unit = String::from("[Unit]\nDescription=hail module check\n[Service]\n");
