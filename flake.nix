@@ -239,6 +239,13 @@
             inherit pkgs;
             hailModule = self.nixosModules.default;
           };
+
+          # A whole NixOS host (profile "system") switched by hail from a Hydra stand-in,
+          # and two broken systems rolled back: needs KVM and a full nixpkgs.
+          vm-system = import ./nixos/tests/vm-system.nix {
+            inherit pkgs;
+            hailModule = self.nixosModules.default;
+          };
         }
       );
 

@@ -872,8 +872,15 @@ fn flake_outputs_evaluate_against_a_stub_nixpkgs() {
         let checks = eval(&format!("checks.{system}"), names);
         assert_eq!(
             checks,
-            serde_json::json!(["hail", "module-eval", "module-units", "vm"])
+            serde_json::json!(["hail", "module-eval", "module-units", "vm", "vm-system"])
         );
+        // The VM tests as far as the stub goes: each file imported, its test named.
+        for (check, name) in [("vm", "hail"), ("vm-system", "hail-system")] {
+            assert_eq!(
+                eval(&format!("checks.{system}.{check}.name"), "n: n"),
+                format!("vm-test-run-{name}")
+            );
+        }
         assert_eq!(
             eval(&format!("checks.{system}.module-eval.failed"), "f: f"),
             ""
