@@ -2,7 +2,8 @@
 //! the units from `systemd/` installed the way README says, hail deploying
 //! from the Hydra stand-in on the host's loopback, and everything checked the
 //! way an operator would see it: `systemctl`, `journalctl`, the profile
-//! symlink, `nix-env --list-generations`, and what `activate` wrote.
+//! symlink, `nix-env --list-generations`, and what `activate` wrote. Whole
+//! NixOS hosts too: NixOS-like systems switched in their transient unit.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -88,12 +89,22 @@ fn boot_and_enable(container: &mut Container) {
 
 /// Where the profile points, as `readlink -f` in the container says.
 fn profile_target(container: &Container) -> String {
-    container.exec(&["readlink", "-f", PROFILE]).out()
+    target_of(container, PROFILE)
+}
+
+/// Where the link `path` points, as `readlink -f` in the container says.
+fn target_of(container: &Container, path: &str) -> String {
+    container.exec(&["readlink", "-f", path]).out()
 }
 
 /// The profile's generation numbers, from `nix-env --list-generations`.
 fn generations(container: &Container) -> Vec<u64> {
-    let run = container.exec(&["nix-env", "-p", PROFILE, "--list-generations"]);
+    generations_of(container, PROFILE)
+}
+
+/// The generation numbers of the profile at `profile`.
+fn generations_of(container: &Container, profile: &str) -> Vec<u64> {
+    let run = container.exec(&["nix-env", "-p", profile, "--list-generations"]);
     assert_exit(&run, 0);
     run.stdout
         .lines()
@@ -586,4 +597,194 @@ fn sandboxed_pass_deploys_to_a_read_only_store_activates_unconfined_and_rolls_ba
     );
     assert_eq!(profile_target(c), a);
     assert_eq!(generations(c), [1]);
+}
+
+// Whole NixOS hosts: NixOS-like systems (see `systems::`) deployed to the
+// profile `system` by `hail@system.service`, switched in
+// `hail-activation-system.service`.
+
+const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
+const SYSTEM_PASS: &str = "hail@system.service";
+const SYSTEM_BOOT: &str = "hail-activate@system.service";
+const SWITCH_UNIT: &str = "hail-activation-system.service";
+/// One line per switch-to-configuration run: `switch label=… op=… build=…`.
+const SWITCHES: &str = "/var/lib/hail-test/switches";
+/// The system the last switch-to-configuration made the boot default.
+const BOOT_DEFAULT: &str = "/var/lib/hail-test/boot-default";
+/// Created by the test to let a [`gated`] switch finish.
+const RELEASE: &str = "/var/lib/hail-test/release";
+
+/// A NixOS-like system, as `systems::` builds them but for a container:
+/// `nixos-version`, `bin/switch-to-configuration` read from the file
+/// `switch`, and `kernel`, `initrd` and `kernel-modules` links into a store
+/// path that is the same for the same `kernel`.
+const SYSTEM_NIX: &str = r#"
+{ label, kernel, switch }:
+let
+  sh = name: script: env: derivation ({
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/bin:/usr/bin";
+    args = [ "-c" ("set -eu\n" + script) ];
+  } // env);
+  boot = sh "boot-files-${kernel}"
+    "mkdir -p $out/lib/modules/${kernel}; echo ${kernel} > $out/bzImage; echo ${kernel} > $out/initrd" { };
+in
+sh "nixos-system-${label}" ''
+  mkdir -p $out/bin
+  echo 26.05 > $out/nixos-version
+  printf '%s' "$switch" > $out/bin/switch-to-configuration
+  chmod +x $out/bin/switch-to-configuration
+  ln -s ${boot}/bzImage $out/kernel
+  ln -s ${boot}/initrd $out/initrd
+  ln -s ${boot}/lib/modules $out/kernel-modules
+'' { switch = builtins.readFile switch; }
+"#;
+
+/// A switch-to-configuration that records its run in [`SWITCHES`], makes its
+/// system the boot default ([`BOOT_DEFAULT`], as the real one installs a
+/// boot entry), then runs `extra`.
+fn switch_script(label: &str, extra: &str) -> String {
+    format!(
+        "#!/bin/sh\nset -e\nmkdir -p /var/lib/hail-test\n\
+         echo \"switch label={label} op=$1 build=$HAIL_BUILD_ID\" >> {SWITCHES}\n\
+         ln -sfn \"$(dirname \"$(dirname \"$0\")\")\" {BOOT_DEFAULT}\n\
+         {extra}\n"
+    )
+}
+
+/// The part of a switch that records its start with its pid, waits until the
+/// test creates [`RELEASE`] (a minute at most), then records its end: as
+/// [`slow_activate`], without a guess at how long the test needs.
+fn gated(label: &str) -> String {
+    format!(
+        "echo \"start $$ label={label}\" >> {STARTED}\n\
+         i=0; while [ ! -e {RELEASE} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n\
+         echo \"done $$ label={label}\" >> {ACTIVATIONS}"
+    )
+}
+
+/// Builds a system with this switch and `kernel`'s boot files, publishes it
+/// signed and makes it the job's latest successful build.
+fn publish_system(world: &World, label: &str, kernel: &str, switch: &str) -> (u64, String) {
+    let expr = world.path("system.nix");
+    std::fs::write(&expr, SYSTEM_NIX).expect("write system.nix");
+    let script = world.path(&format!("switch-{label}.sh"));
+    std::fs::write(&script, switch).expect("write the switch script");
+    let outputs = world.cache.build_expr(&format!(
+        "import {} {{ label = \"{label}\"; kernel = \"{kernel}\"; switch = {}; }}",
+        expr.display(),
+        script.display()
+    ));
+    let path = outputs.last().expect("nix-build prints the path").clone();
+    world.cache.publish(&path);
+    let id = world.hydra.add_build(JOB, &path, Some(0));
+    (id, path)
+}
+
+/// The instance `system`'s env file: the job, the profile `system`, and `extra` lines.
+fn write_system_env(container: &Container, world: &World, extra: &str) {
+    container.write(
+        "/etc/hail/system.env",
+        format!(
+            "HAIL_JOB_URI={}\nHAIL_PROFILE=system\n{extra}",
+            world.hydra.job_uri(JOB)
+        ),
+        0o644,
+    );
+}
+
+/// The state file of the profile `system`.
+fn system_state(container: &Container) -> serde_json::Value {
+    serde_json::from_str(
+        &container
+            .read("/var/lib/hail/system.json")
+            .expect("state file"),
+    )
+    .expect("state JSON")
+}
+
+#[test]
+fn a_system_switch_runs_detached_and_survives_a_restart_of_hails_unit() {
+    let started = Instant::now();
+    let world = World::new();
+    let mut container = install(&world);
+    write_system_env(&container, &world, "");
+    container.boot();
+    let c = &container;
+
+    let (id_a, a) = publish_system(&world, "a", "k1", &switch_script("a", ""));
+    assert_exit(&c.systemctl(&["start", SYSTEM_PASS]), 0);
+    assert_eq!(target_of(c, SYSTEM_PROFILE), a);
+    assert_eq!(
+        c.lines(SWITCHES),
+        [format!("switch label=a op=switch build={id_a}")]
+    );
+
+    // A pass switches to b; the switch is the main process of the transient
+    // unit, not of hail@system.
+    let (id_b, b) = publish_system(&world, "b", "k1", &switch_script("b", &gated("b")));
+    assert_exit(&c.systemctl(&["start", "--no-block", SYSTEM_PASS]), 0);
+    let pid = wait_for_start(c, "b");
+    assert_eq!(
+        c.show(SWITCH_UNIT, "MainPID"),
+        pid,
+        "the switch does not run as {SWITCH_UNIT}\n{:?}",
+        c.exec(&["cat", &format!("/proc/{pid}/cgroup")])
+    );
+    let first_pass = c.show(SYSTEM_PASS, "MainPID");
+    assert_ne!(first_pass, "0", "{SYSTEM_PASS} is not running");
+
+    // Restarted mid-switch: the new pass finds the switch still running and
+    // waits for it, instead of running it again.
+    assert_exit(&c.systemctl(&["restart", "--no-block", SYSTEM_PASS]), 0);
+    journal_with(
+        c,
+        SYSTEM_PASS,
+        &format!("an earlier activation is still running in {SWITCH_UNIT}"),
+    );
+    assert_ne!(c.show(SYSTEM_PASS, "MainPID"), first_pass, "not restarted");
+    // The switch lived through the restart.
+    assert_exit(&c.exec(&["kill", "-0", &pid]), 0);
+    c.write(RELEASE, "", 0o644);
+    wait_for_done(c, &pid, "b");
+    wait_for(Duration::from_secs(30), "the restarted pass to end", || {
+        c.is_active(SYSTEM_PASS) != "activating"
+    });
+    assert_eq!(
+        c.show(SYSTEM_PASS, "Result"),
+        "success",
+        "{}",
+        c.journal(SYSTEM_PASS)
+    );
+    journal_with(c, SYSTEM_PASS, "succeeded in its own unit");
+    assert_eq!(
+        c.lines(SWITCHES),
+        [
+            format!("switch label=a op=switch build={id_a}"),
+            format!("switch label=b op=switch build={id_b}"),
+        ],
+        "the switch to b did not run exactly once"
+    );
+    assert_eq!(c.lines(STARTED).len(), 1);
+    assert_eq!(target_of(c, SYSTEM_PROFILE), b);
+    assert_eq!(generations_of(c, SYSTEM_PROFILE), [1, 2]);
+    let state = system_state(c);
+    assert_eq!(state["deployed"]["store_path"], b.as_str());
+    assert_eq!(state["deployed"]["build_id"], id_b);
+    assert_eq!(state["deployed"]["activation"], "done");
+    assert_eq!(state["last_check"]["result"], "deployed");
+
+    // The pass after: up to date, nothing switched.
+    assert_exit(&c.systemctl(&["start", SYSTEM_PASS]), 0);
+    journal_with(c, SYSTEM_PASS, &format!("up to date: build {id_b}"));
+    assert_eq!(c.lines(SWITCHES).len(), 2);
+
+    // At boot NixOS activates the system itself: hail-activate@system does nothing.
+    assert_exit(&c.systemctl(&["start", SYSTEM_BOOT]), 0);
+    journal_with(c, SYSTEM_BOOT, "which NixOS activates itself at boot");
+    assert_eq!(c.lines(SWITCHES).len(), 2, "hail-activate@system switched");
+
+    eprintln!("system switch scenario took {:.1?}", started.elapsed());
 }
