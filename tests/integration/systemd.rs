@@ -3,7 +3,8 @@
 //! from the Hydra stand-in on the host's loopback, and everything checked the
 //! way an operator would see it: `systemctl`, `journalctl`, the profile
 //! symlink, `nix-env --list-generations`, and what `activate` wrote. Whole
-//! NixOS hosts too: NixOS-like systems switched in their transient unit.
+//! NixOS hosts too: NixOS-like systems switched in their transient unit, and
+//! a new kernel rebooted into through the container's systemd.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -601,7 +602,7 @@ fn sandboxed_pass_deploys_to_a_read_only_store_activates_unconfined_and_rolls_ba
 
 // Whole NixOS hosts: NixOS-like systems (see `systems::`) deployed to the
 // profile `system` by `hail@system.service`, switched in
-// `hail-activation-system.service`.
+// `hail-activation-system.service`, and rebooted into through systemd.
 
 const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
 const SYSTEM_PASS: &str = "hail@system.service";
@@ -705,6 +706,13 @@ fn system_state(container: &Container) -> serde_json::Value {
     .expect("state JSON")
 }
 
+/// `hail status` in the container.
+fn hail_status(container: &Container) -> String {
+    let run = container.exec(&["/usr/local/bin/hail", "status"]);
+    assert_exit(&run, 0);
+    run.stdout
+}
+
 #[test]
 fn a_system_switch_runs_detached_and_survives_a_restart_of_hails_unit() {
     let started = Instant::now();
@@ -787,4 +795,169 @@ fn a_system_switch_runs_detached_and_survives_a_restart_of_hails_unit() {
     assert_eq!(c.lines(SWITCHES).len(), 2, "hail-activate@system switched");
 
     eprintln!("system switch scenario took {:.1?}", started.elapsed());
+}
+
+/// A unit that stands in for NixOS's boot (stage 2 links `/run/booted-system`):
+/// links it to the system the last switch-to-configuration made the boot default.
+fn booted_system_unit() -> String {
+    format!(
+        "[Unit]\n\
+         Description=hail test: link the booted system, as NixOS's stage 2 does\n\
+         ConditionPathExists={BOOT_DEFAULT}\n\
+         [Service]\n\
+         Type=oneshot\n\
+         RemainAfterExit=yes\n\
+         ExecStart=/bin/sh -c 'ln -sfn \"$$(readlink {BOOT_DEFAULT})\" /run/booted-system'\n\
+         [Install]\n\
+         WantedBy=multi-user.target\n"
+    )
+}
+
+/// A reboot window from `from` to `to` minutes after the container's local time.
+fn window_from_now(container: &Container, from: u16, to: u16) -> String {
+    let now = container.exec(&["date", "+%H:%M"]).out();
+    let minute = now
+        .split_once(':')
+        .and_then(|(h, m)| Some(h.parse::<u16>().ok()? * 60 + m.parse::<u16>().ok()?))
+        .unwrap_or_else(|| panic!("`date +%H:%M` said {now:?}"));
+    let time = |offset: u16| {
+        let m = (minute + offset) % (24 * 60);
+        format!("{:02}:{:02}", m / 60, m % 60)
+    };
+    format!("{}-{}", time(from), time(to))
+}
+
+/// The boots `journalctl --list-boots` knows, oldest first, by boot ID.
+fn journal_boots(container: &Container) -> Vec<String> {
+    let run = container.exec(&["journalctl", "--list-boots", "--no-pager"]);
+    assert_exit(&run, 0);
+    // "IDX BOOT-ID FIRST-ENTRY LAST-ENTRY", under a header.
+    run.stdout
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            fields.next()?.parse::<i32>().ok()?;
+            fields.next().map(str::to_owned)
+        })
+        .collect()
+}
+
+#[test]
+fn a_new_kernel_reboots_through_systemd() {
+    let started = Instant::now();
+    let world = World::new();
+    let mut container = install(&world);
+    write_system_env(&container, &world, "HAIL_ALLOW_REBOOT=true\n");
+    container.write(
+        "/etc/systemd/system/hail-test-booted-system.service",
+        booted_system_unit(),
+        0o644,
+    );
+    container.boot();
+    assert_exit(
+        &container.systemctl(&["enable", "hail-test-booted-system.service"]),
+        0,
+    );
+
+    // The host runs system a (kernel k1): deployed, then booted into.
+    let (id_a, a) = publish_system(&world, "a", "k1", &switch_script("a", ""));
+    assert_exit(&container.systemctl(&["start", SYSTEM_PASS]), 0);
+    container.restart();
+    let c = &container;
+    assert_eq!(target_of(c, "/run/booted-system"), a);
+
+    // System b has another kernel: a pass makes it the boot default and
+    // asks systemd to reboot; the container reboots.
+    let (id_b, b) = publish_system(&world, "b", "k2", &switch_script("b", ""));
+    let before = c.boot_id();
+    assert_exit(&c.systemctl(&["start", "--no-block", SYSTEM_PASS]), 0);
+    container.wait_for_reboot(Duration::from_secs(30));
+    let c = &container;
+    let after = c.boot_id();
+    assert_ne!(after, before);
+    // The journal's last boot before this one is the boot hail asked from,
+    // and systemd carried out a reboot then, as hail asked.
+    let boots = journal_boots(c);
+    assert_eq!(
+        boots[boots.len() - 2..],
+        [before.replace('-', ""), after.replace('-', "")]
+    );
+    let previous_boot = |args: &[&str]| {
+        let mut all = vec!["journalctl", "--no-pager", "-o", "cat", "-b", "-1"];
+        all.extend_from_slice(args);
+        c.exec(&all).stdout
+    };
+    let hail_said = previous_boot(&["-u", SYSTEM_PASS]);
+    assert!(
+        hail_said.contains(&format!("rebooting into {b}")),
+        "{hail_said}"
+    );
+    let systemd_said = previous_boot(&["_PID=1"]);
+    assert!(
+        systemd_said.contains("Reached target reboot.target"),
+        "{systemd_said}"
+    );
+    // Recorded before it asked. (Not the boot ID it saw: under
+    // ProtectKernelTunables= in nspawn, hail@ reads the host kernel's, not the
+    // container's; systemd issue 28059.)
+    assert!(system_state(c)["reboot"]["requested"]["at"].is_u64());
+    assert_eq!(
+        c.lines(SWITCHES),
+        [
+            format!("switch label=a op=switch build={id_a}"),
+            format!("switch label=b op=boot build={id_b}"),
+        ]
+    );
+    assert_eq!(target_of(c, SYSTEM_PROFILE), b);
+    assert_eq!(generations_of(c, SYSTEM_PROFILE), [1, 2]);
+
+    // Booted into b: the next pass finds nothing pending.
+    assert_eq!(target_of(c, "/run/booted-system"), b);
+    assert_exit(&c.systemctl(&["start", SYSTEM_PASS]), 0);
+    journal_with(
+        c,
+        SYSTEM_PASS,
+        &format!("the host runs the kernel of {b} now: no reboot needed"),
+    );
+    assert_eq!(system_state(c)["reboot"], serde_json::Value::Null);
+    let status = hail_status(c);
+    assert!(!status.contains("reboot"), "{status}");
+
+    // Outside the reboot window, system c (kernel k3) only becomes the boot
+    // default: the reboot waits, and `hail status` says so.
+    let window = window_from_now(c, 60, 120);
+    write_system_env(
+        c,
+        &world,
+        &format!("HAIL_ALLOW_REBOOT=true\nHAIL_REBOOT_WINDOW={window}\n"),
+    );
+    let (id_c, c_path) = publish_system(&world, "c", "k3", &switch_script("c", ""));
+    assert_exit(&c.systemctl(&["start", SYSTEM_PASS]), 0);
+    assert_eq!(target_of(c, SYSTEM_PROFILE), c_path);
+    assert_eq!(
+        c.lines(SWITCHES).last(),
+        Some(&format!("switch label=c op=boot build={id_c}"))
+    );
+    let state = system_state(c);
+    assert_eq!(state["reboot"]["store_path"], c_path.as_str());
+    assert_eq!(state["reboot"]["requested"], serde_json::Value::Null);
+    let status = hail_status(c);
+    assert!(
+        status.contains("reboot pending since")
+            && status.contains(&format!("hail reboots the host inside {window}")),
+        "{status}"
+    );
+    let journal = c.journal(SYSTEM_PASS);
+    assert!(
+        !journal.contains(&format!("rebooting into {c_path}")),
+        "{journal}"
+    );
+    let running = c.systemctl(&["is-system-running"]).out();
+    assert!(
+        matches!(running.as_str(), "running" | "degraded"),
+        "the container is {running}"
+    );
+    assert_eq!(c.boot_id(), after);
+
+    eprintln!("reboot scenario took {:.1?}", started.elapsed());
 }

@@ -10,6 +10,11 @@
 //! container boots a fresh copy of it. The container shares the host's
 //! network, so it reaches a Hydra stand-in on the host's 127.0.0.1.
 //!
+//! A container that reboots itself (`systemctl reboot` in there) makes nspawn
+//! exit with status 133, on which `systemd-nspawn@.service` would start it
+//! again; [`Container::wait_for_reboot`] does that. Each boot gets a boot ID
+//! of its own (nspawn mounts a fresh one), and the journal is persistent.
+//!
 //! Dropping a [`Container`] always powers it off, ends what is left of it,
 //! removes its cgroup subtree and its rootfs copy: after a pass, a failure or
 //! a panic. Leftovers of a test process that was killed outright are reaped
@@ -54,6 +59,8 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 const BOOT_LIMIT: Duration = Duration::from_secs(60);
 const POWEROFF_LIMIT: Duration = Duration::from_secs(30);
+/// How systemd-nspawn exits when the container rebooted (systemd-nspawn(1)).
+const NSPAWN_REBOOTED: i32 = 133;
 
 /// A booted (or powered-off) systemd container.
 pub struct Container {
@@ -236,6 +243,49 @@ exec unshare --mount --propagation private -- sh -euc '
     pub fn restart(&mut self) {
         self.poweroff();
         self.boot();
+    }
+
+    /// Waits (up to `limit`) for the container to reboot itself, then boots
+    /// it again, as `systemd-nspawn@.service` would. Fails if nspawn goes on
+    /// running, or exits for anything but a reboot (a poweroff, a crash).
+    pub fn wait_for_reboot(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            let nspawn = self
+                .nspawn
+                .as_mut()
+                .unwrap_or_else(|| panic!("{} is not booted", self.name));
+            if let Some(status) = nspawn.try_wait().expect("wait for systemd-nspawn") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: did not reboot in {limit:?}\n{}",
+                self.name,
+                self.console_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.nspawn = None;
+        assert_eq!(
+            status.code(),
+            Some(NSPAWN_REBOOTED),
+            "{}: systemd-nspawn exited with {status}, not for a reboot\n{}",
+            self.name,
+            self.console_tail()
+        );
+        eprintln!("{}: rebooted itself after boot {}", self.name, self.boots);
+        // With nspawn gone, what is left of poweroff: the cgroup subtree.
+        self.poweroff();
+        self.boot();
+    }
+
+    /// This boot's ID, as `/proc/sys/kernel/random/boot_id` in the container
+    /// says (with dashes; `journalctl --list-boots` shows it without).
+    pub fn boot_id(&self) -> String {
+        let run = self.exec(&["cat", "/proc/sys/kernel/random/boot_id"]);
+        assert_eq!(run.code, Some(0), "cannot read the boot ID: {run:?}");
+        run.out()
     }
 
     /// Powers the container off in order (SIGTERM to nspawn makes it send
