@@ -615,33 +615,8 @@ const BOOT_DEFAULT: &str = "/var/lib/hail-test/boot-default";
 /// Created by the test to let a [`gated`] switch finish.
 const RELEASE: &str = "/var/lib/hail-test/release";
 
-/// A NixOS-like system, as `systems::` builds them but for a container:
-/// `nixos-version`, `bin/switch-to-configuration` read from the file
-/// `switch`, and `kernel`, `initrd` and `kernel-modules` links into a store
-/// path that is the same for the same `kernel`.
-const SYSTEM_NIX: &str = r#"
-{ label, kernel, switch }:
-let
-  sh = name: script: env: derivation ({
-    inherit name;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    PATH = "/bin:/usr/bin";
-    args = [ "-c" ("set -eu\n" + script) ];
-  } // env);
-  boot = sh "boot-files-${kernel}"
-    "mkdir -p $out/lib/modules/${kernel}; echo ${kernel} > $out/bzImage; echo ${kernel} > $out/initrd" { };
-in
-sh "nixos-system-${label}" ''
-  mkdir -p $out/bin
-  echo 26.05 > $out/nixos-version
-  printf '%s' "$switch" > $out/bin/switch-to-configuration
-  chmod +x $out/bin/switch-to-configuration
-  ln -s ${boot}/bzImage $out/kernel
-  ln -s ${boot}/initrd $out/initrd
-  ln -s ${boot}/lib/modules $out/kernel-modules
-'' { switch = builtins.readFile switch; }
-"#;
+/// A NixOS-like system (`common/system.nix`).
+const SYSTEM_NIX: &str = include_str!("common/system.nix");
 
 /// A switch-to-configuration that records its run in [`SWITCHES`], makes its
 /// system the boot default ([`BOOT_DEFAULT`], as the real one installs a

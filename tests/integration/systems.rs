@@ -21,35 +21,8 @@ use crate::observe::parse_prometheus;
 
 const SYSTEM: &str = "system";
 
-/// A NixOS-like system: its switch script comes from a file (`switch`), its
-/// boot files are store paths of their own, the same for the same `kernel`
-/// in one world (`world` tells worlds apart: each substitutes its own).
-const SYSTEM_NIX: &str = r#"
-{ label, kernel, world, nonce, switch }:
-let
-  drv = name: script: env: derivation ({
-    inherit name;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    PATH = "/bin:/usr/bin";
-    args = [ "-c" ("set -eu\n" + script) ];
-  } // env);
-  boot = file: drv "${file}-${kernel}" "mkdir $out; echo ${kernel} > $out/${file}" { inherit world; };
-  bzImage = boot "bzImage";
-  initrd = boot "initrd";
-  modules = drv "kernel-modules-${kernel}" "mkdir -p $out/lib/modules/${kernel}" { inherit world; };
-in
-drv "nixos-system-${label}" ''
-  mkdir -p $out/bin
-  echo 26.05 > $out/nixos-version
-  printf '%s' "$switch" > $out/bin/switch-to-configuration
-  chmod +x $out/bin/switch-to-configuration
-  ln -s ${bzImage}/bzImage $out/kernel
-  ln -s ${initrd}/initrd $out/initrd
-  ln -s ${modules} $out/kernel-modules
-  printf '%s\n' "$nonce" > $out/nonce
-'' { switch = builtins.readFile switch; inherit nonce; }
-"#;
+/// A NixOS-like system (`common/system.nix`).
+const SYSTEM_NIX: &str = include_str!("common/system.nix");
 
 /// Builds a system in the world's chroot store: its switch script records
 /// `switch system=LABEL op=OPERATION build=… previous=… profile=… cwd=…`,
