@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::hydra::Fault;
-use crate::common::{JOB, Run, World, assert_exit, in_mount_namespace, recording_activate};
+use crate::common::{
+    JOB, PROFILE, Run, World, assert_exit, in_mount_namespace, recording_activate,
+};
 
 /// A world where build `a` is deployed.
 fn deployed_a() -> (World, String) {
@@ -28,16 +30,6 @@ fn last_activation_label(world: &World) -> Option<String> {
             .next()
             .map(|w| w.trim_start_matches("label=").to_owned())
     })
-}
-
-/// The state file hail keeps for the test profile.
-fn state(world: &World) -> Value {
-    let path = world.state_dir().join("web.json");
-    match crate::common::read_if_exists(&path) {
-        Some(text) => serde_json::from_str(&text)
-            .unwrap_or_else(|err| panic!("{} is not JSON: {err}", path.display())),
-        None => Value::Null,
-    }
 }
 
 /// `a` is still deployed: profile, generation, and last activation.
@@ -297,7 +289,7 @@ fn table_of_faults_loses_nothing() {
                 "{name}\n{run:?}"
             );
             assert!(
-                state(&world)["failed"]["build_id"].is_u64(),
+                world.state_of(PROFILE)["failed"]["build_id"].is_u64(),
                 "{name}: failed build not recorded"
             );
         }
@@ -311,7 +303,7 @@ fn table_of_faults_loses_nothing() {
 #[test]
 fn rollback_names_the_build_status_and_stderr() {
     let (world, _) = deployed_a();
-    let deployed_at = state(&world)["deployed"]["at"].clone();
+    let deployed_at = world.state_of(PROFILE)["deployed"]["at"].clone();
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let (id, b) = publish_b(
         &world,
@@ -341,8 +333,8 @@ fn rollback_names_the_build_status_and_stderr() {
             .ends_with(&format!("previous={b} profile=web cwd=/"))
     );
     // The restored deployment keeps its own history.
-    assert_eq!(state(&world)["deployed"]["at"], deployed_at);
-    assert_eq!(state(&world)["deployed"]["build_id"], 1);
+    assert_eq!(world.state_of(PROFILE)["deployed"]["at"], deployed_at);
+    assert_eq!(world.state_of(PROFILE)["deployed"]["build_id"], 1);
 }
 
 #[test]
@@ -384,7 +376,7 @@ fn failed_build_is_not_retried_until_a_newer_one() {
     let run = world.pass(&[]);
     assert_exit(&run, 0);
     assert_eq!(world.profile_target().as_deref(), Some(c.as_str()));
-    assert_eq!(state(&world)["failed"], Value::Null);
+    assert_eq!(world.state_of(PROFILE)["failed"], Value::Null);
 }
 
 #[test]
@@ -449,7 +441,7 @@ fn manual_rollback_is_respected() {
     assert!(run.stderr.contains(&format!("build {id_b}")), "{run:?}");
     assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
     assert_eq!(world.activations().len(), activations);
-    assert_eq!(state(&world)["held"]["build_id"], json!(id_b));
+    assert_eq!(world.state_of(PROFILE)["held"]["build_id"], json!(id_b));
     // A dry run says so too, and changes nothing.
     let run = world.pass(&["--dry-run"]);
     assert_exit(&run, 0);
@@ -480,7 +472,7 @@ fn manual_rollback_is_respected() {
     let run = world.pass(&[]);
     assert_exit(&run, 0);
     assert_eq!(world.profile_target().as_deref(), Some(c.as_str()));
-    assert_eq!(state(&world)["held"], Value::Null);
+    assert_eq!(world.state_of(PROFILE)["held"], Value::Null);
 }
 
 /// Starts hail in its own process group (as systemd would kill a unit's
@@ -543,7 +535,10 @@ fn killed_during_activation_converges() {
         Some(b.as_str()),
         "nix-env --set is atomic and ran"
     );
-    assert_eq!(state(&world)["deployed"]["activation"], json!("pending"));
+    assert_eq!(
+        world.state_of(PROFILE)["deployed"]["activation"],
+        json!("pending")
+    );
 
     let run = world.pass(&[]);
     assert_exit(&run, 0);
@@ -556,7 +551,10 @@ fn killed_during_activation_converges() {
         .filter(|l| l.starts_with("label=b "))
         .count();
     assert_eq!(b_runs, 2, "activate of b ran again to completion");
-    assert_eq!(state(&world)["deployed"]["activation"], json!("done"));
+    assert_eq!(
+        world.state_of(PROFILE)["deployed"]["activation"],
+        json!("done")
+    );
 
     let run = world.pass(&[]);
     assert_exit(&run, 0);
@@ -622,21 +620,15 @@ fn corrupt_state_file_is_reported_not_fatal() {
     assert_exit(&run, 0);
     assert!(run.stderr.contains("is corrupt"), "{run:?}");
     assert_eq!(world.profile_target().as_deref(), Some(b.as_str()));
-    assert_eq!(state(&world)["deployed"]["activation"], json!("done"));
-}
-
-/// `hail status --profiles…` as an operator runs it, table form.
-fn status_table(world: &World) -> String {
-    let mut cmd = world.bare_hail();
-    cmd.arg("status").arg("--state-dir").arg(world.state_dir());
-    let run = world.run(cmd);
-    assert_exit(&run, 0);
-    run.stdout
+    assert_eq!(
+        world.state_of(PROFILE)["deployed"]["activation"],
+        json!("done")
+    );
 }
 
 /// The row of the test profile in `hail status`, as cells split on runs of spaces.
 fn status_deployed_cell(world: &World) -> String {
-    let table = status_table(world);
+    let table = world.status_table();
     let row = table
         .lines()
         .find(|l| l.starts_with("web "))
@@ -659,7 +651,10 @@ fn killed_while_rolling_back_is_finished_by_the_next_pass() {
     assert_exit(&world.pass(&[]), 0);
     let (id_b, _) = publish_b(&world, "exit 1");
     kill_pass_when(&world, || world.path("slept").exists());
-    assert_eq!(state(&world)["rolling_back"]["build_id"], json!(id_b));
+    assert_eq!(
+        world.state_of(PROFILE)["rolling_back"]["build_id"],
+        json!(id_b)
+    );
     let b_runs = || {
         world
             .activations()
@@ -675,7 +670,7 @@ fn killed_while_rolling_back_is_finished_by_the_next_pass() {
     assert!(run.stderr.contains("interrupted"), "{run:?}");
     assert_a_intact(&world, &a, "after finishing the rollback", &run);
     assert_eq!(b_runs(), 1, "b was activated again\n{run:?}");
-    let saved = state(&world);
+    let saved = world.state_of(PROFILE);
     assert_eq!(saved["rolling_back"], Value::Null);
     assert_eq!(saved["failed"]["build_id"], json!(id_b));
     assert_eq!(saved["deployed"]["store_path"], json!(a));
@@ -707,8 +702,8 @@ fn hold_survives_a_lost_state_file() {
     assert!(run.stderr.contains("holding"), "{run:?}");
     assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
     assert_eq!(world.activations().len(), activations, "{run:?}");
-    assert_eq!(state(&world)["held"]["profile_target"], json!(a));
-    assert_eq!(state(&world)["deployed"]["store_path"], json!(b));
+    assert_eq!(world.state_of(PROFILE)["held"]["profile_target"], json!(a));
+    assert_eq!(world.state_of(PROFILE)["deployed"]["store_path"], json!(b));
 
     // A newer build ends the hold as usual.
     let (_, c) = world.publish("c");
@@ -771,7 +766,11 @@ fn unknown_build_age_is_never_deployed_early() {
         assert_exit(&run, 0);
         assert!(run.stderr.contains("age is unknown"), "{case}: {run:?}");
         assert_a_intact(&world, &a, case, &run);
-        assert_eq!(state(&world)["waiting"]["build_id"], json!(id), "{case}");
+        assert_eq!(
+            world.state_of(PROFILE)["waiting"]["build_id"],
+            json!(id),
+            "{case}"
+        );
     }
 }
 
@@ -794,10 +793,10 @@ fn a_failed_boot_activation_is_recorded_and_retried_by_passes() {
     let run = world.run(world.boot_activation());
     assert_exit(&run, 3);
     assert!(run.stderr.contains("the database is not up"), "{run:?}");
-    let saved = state(&world);
+    let saved = world.state_of(PROFILE);
     assert_eq!(saved["deployed"]["activation"], json!("failed"));
     assert_eq!(saved["deployed"]["activation_failures"], json!(1));
-    let table = status_table(&world);
+    let table = world.status_table();
     assert!(
         table.contains("activation of build") && table.contains("failed 1 time(s)"),
         "{table}"
@@ -809,7 +808,10 @@ fn a_failed_boot_activation_is_recorded_and_retried_by_passes() {
     assert_exit(&run, 3);
     assert!(run.stderr.contains("running it again"), "{run:?}");
     assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
-    assert_eq!(state(&world)["deployed"]["activation_failures"], json!(2));
+    assert_eq!(
+        world.state_of(PROFILE)["deployed"]["activation_failures"],
+        json!(2)
+    );
     let runs = world.activations().len();
     assert_exit(&world.pass(&[]), 3);
     assert_eq!(world.activations().len(), runs + 1);
@@ -822,8 +824,11 @@ fn a_failed_boot_activation_is_recorded_and_retried_by_passes() {
     // Fixed, and activated by hand (or at the next boot): up to date again.
     std::fs::remove_file(&flag).unwrap();
     assert_exit(&world.run(world.boot_activation()), 0);
-    assert_eq!(state(&world)["deployed"]["activation"], json!("done"));
-    assert_eq!(state(&world)["deployed"]["build_id"], json!(id));
+    assert_eq!(
+        world.state_of(PROFILE)["deployed"]["activation"],
+        json!("done")
+    );
+    assert_eq!(world.state_of(PROFILE)["deployed"]["build_id"], json!(id));
     let run = world.pass(&[]);
     assert_exit(&run, 0);
     assert!(run.stderr.contains("up to date"), "{run:?}");

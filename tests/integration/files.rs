@@ -12,9 +12,8 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::Value;
 
-use crate::common::{Run, World, assert_exit, exists, run_bounded};
+use crate::common::{PROFILE, Run, World, assert_exit, exists, run_bounded};
 
 /// A file outside the dirs hail writes, which a planted link points at: it
 /// must never change, and if it did not exist, never appear.
@@ -84,12 +83,6 @@ fn assert_regular_with(path: &Path, expected: &str, run: &Run) {
     );
 }
 
-fn state_json(world: &World) -> Value {
-    let path = world.state_dir().join("web.json");
-    serde_json::from_str(&crate::common::read_existing(&path))
-        .unwrap_or_else(|err| panic!("{} is not JSON: {err}", path.display()))
-}
-
 fn metrics_path(world: &World) -> PathBuf {
     world.path("metrics/hail-web.prom")
 }
@@ -153,7 +146,7 @@ fn links_at_the_state_and_metrics_files_are_replaced_not_followed() {
     state_victim.assert_untouched(&run);
     metrics_victim.assert_untouched(&run);
     assert_regular_with(&state, &a, &run);
-    assert_eq!(state_json(&world)["counters"]["deploys"], 1, "{run:?}");
+    assert_eq!(world.state_of(PROFILE)["counters"]["deploys"], 1, "{run:?}");
     assert_regular_with(
         &metrics_path(&world),
         "hail_deploys_total{profile=\"web\"} 1",
@@ -197,7 +190,7 @@ ln -s "$dir/victims/new-file" "$dir/metrics/hail-web.tmp.$PPID""#,
     existing.assert_untouched(&run);
     missing.assert_untouched(&run);
     assert_regular_with(&world.state_dir().join("web.json"), &a, &run);
-    assert_eq!(state_json(&world)["deployed"]["activation"], "done");
+    assert_eq!(world.state_of(PROFILE)["deployed"]["activation"], "done");
     assert_regular_with(&metrics_path(&world), "hail_deploys_total", &run);
 }
 
@@ -234,7 +227,7 @@ fn corrupt_copies_are_kept_not_clobbered() {
         std::fs::read_to_string(&kept).unwrap(),
         "{\"deployed\": tru"
     );
-    assert_eq!(state_json(&world)["deployed"]["activation"], "done");
+    assert_eq!(world.state_of(PROFILE)["deployed"]["activation"], "done");
 }
 
 #[test]
@@ -312,7 +305,7 @@ fn state_that_is_json_but_not_a_state_is_set_aside() {
         assert_exit(&run, 0);
         assert!(run.stderr.contains("is corrupt"), "{text}: {run:?}");
         assert_eq!(std::fs::read_to_string(&aside).unwrap(), text, "{run:?}");
-        assert_eq!(state_json(&world)["deployed"]["activation"], "done");
+        assert_eq!(world.state_of(PROFILE)["deployed"]["activation"], "done");
         std::fs::remove_file(&aside).unwrap();
     }
 }

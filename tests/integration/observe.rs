@@ -13,19 +13,10 @@ use serde_json::Value;
 use crate::common::hydra::{Fault, build_object};
 use crate::common::{JOB, World, assert_exit, recording_activate};
 
-fn status(world: &World, extra: &[&str]) -> crate::common::Run {
-    let mut cmd = world.bare_hail();
-    cmd.arg("status")
-        .arg("--state-dir")
-        .arg(world.state_dir())
-        .args(extra);
-    world.run(cmd)
-}
-
 #[test]
 fn status_for_people_and_for_scripts() {
     let world = World::new();
-    let run = status(&world, &[]);
+    let run = world.status(&[]);
     assert_exit(&run, 0);
     assert!(run.stdout.contains("no profiles"), "{run:?}");
 
@@ -34,7 +25,7 @@ fn status_for_people_and_for_scripts() {
     let (id_b, _) = world.publish_with("b", "echo 'b: config invalid' >&2; exit 1");
     assert_exit(&world.pass(&[]), 3);
 
-    let run = status(&world, &[]);
+    let run = world.status(&[]);
     assert_exit(&run, 0);
     eprintln!("hail status:\n{}", run.stdout);
     let lines: Vec<&str> = run.stdout.lines().collect();
@@ -51,7 +42,7 @@ fn status_for_people_and_for_scripts() {
         "{run:?}"
     );
 
-    let run = status(&world, &["--json", "web"]);
+    let run = world.status(&["--json", "web"]);
     assert_exit(&run, 0);
     let doc: Value = serde_json::from_str(&run.stdout).expect("status --json is JSON");
     assert_eq!(doc["version"], 1);
@@ -82,7 +73,7 @@ fn status_answers_while_a_pass_holds_the_lock() {
     }
     // Were status to wait for the lock, it would wait forever (and the
     // bounded run would fail the test).
-    let run = status(&world, &["--json"]);
+    let run = world.status(&["--json"]);
     assert_exit(&run, 0);
     assert!(child.try_wait().unwrap().is_none(), "the pass ended early");
     let doc: Value = serde_json::from_str(&run.stdout).unwrap();
@@ -512,7 +503,7 @@ fn min_build_age_waits_then_deploys() {
     assert_exit(&run, 0);
     assert!(run.stderr.contains("eligible at"), "{run:?}");
     assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
-    let run = status(&world, &[]);
+    let run = world.status(&[]);
     assert!(
         run.stdout.contains(&format!("build {id_b} eligible at")),
         "{run:?}"

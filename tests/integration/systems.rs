@@ -89,19 +89,6 @@ fn switches(world: &World) -> Vec<String> {
     world.activations()
 }
 
-fn state(world: &World) -> Value {
-    let path = world.state_dir().join("system.json");
-    serde_json::from_str(&read_existing(&path)).expect("the state is JSON")
-}
-
-fn status_table(world: &World) -> String {
-    let mut cmd = world.bare_hail();
-    cmd.arg("status").arg("--state-dir").arg(world.state_dir());
-    let run = world.run(cmd);
-    assert_exit(&run, 0);
-    run.stdout
-}
-
 /// A world with system `a` (kernel `k1`) deployed to the profile `system`.
 fn deployed_a() -> (World, u64, String) {
     let world = World::new();
@@ -198,7 +185,10 @@ fn a_first_system_that_fails_to_switch_is_never_removed() {
     // recorded for the next pass (or an operator).
     assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
     assert_eq!(system_generations(&world), [1]);
-    assert!(state(&world)["rolling_back"].is_object(), "{run:?}");
+    assert!(
+        world.state_of(SYSTEM)["rolling_back"].is_object(),
+        "{run:?}"
+    );
 }
 
 #[test]
@@ -232,7 +222,7 @@ fn a_failed_switch_rolls_back_to_the_previous_system() {
             && ran[2].contains(&format!("previous={b} ")),
         "{ran:?}"
     );
-    assert_eq!(state(&world)["failed"]["build_id"], json!(id_b));
+    assert_eq!(world.state_of(SYSTEM)["failed"]["build_id"], json!(id_b));
 
     // The failed build is remembered: not switched to again.
     let run = system_pass(&world, &[]);
@@ -417,11 +407,11 @@ fn a_new_kernel_is_booted_into_inside_the_reboot_window_only() {
         "rebooted outside the window"
     );
     assert!(run.stderr.contains("reboot pending"), "{run:?}");
-    let reboot = &state(&world)["reboot"];
+    let reboot = &world.state_of(SYSTEM)["reboot"];
     assert_eq!(reboot["store_path"], json!(b));
     assert_eq!(reboot["by_hail"], json!(true));
     assert_eq!(reboot["requested"], Value::Null);
-    let table = status_table(&world);
+    let table = world.status_table();
     assert!(
         table.contains("reboot pending since")
             && table.contains(&format!("hail reboots the host inside {outside}")),
@@ -445,7 +435,7 @@ fn a_new_kernel_is_booted_into_inside_the_reboot_window_only() {
         "{run:?}"
     );
     assert_eq!(switches(&world).len(), 2);
-    assert!(state(&world)["reboot"]["requested"]["at"].is_u64());
+    assert!(world.state_of(SYSTEM)["reboot"]["requested"]["at"].is_u64());
 
     // Booted into b: nothing pending any more, no second reboot.
     let run = pass_booted(
@@ -455,7 +445,7 @@ fn a_new_kernel_is_booted_into_inside_the_reboot_window_only() {
         &["--allow-reboot", "--metrics-file", metrics_arg],
     );
     assert_exit(&run, 0);
-    assert_eq!(state(&world)["reboot"], Value::Null);
+    assert_eq!(world.state_of(SYSTEM)["reboot"], Value::Null);
     assert_eq!(read_if_exists(&rebooted).as_deref(), Some("reboot\n"));
     assert_eq!(metric(&metrics, "hail_reboot_required"), Some(0.0));
 }
@@ -485,11 +475,11 @@ fn without_allow_reboot_a_new_kernel_is_switched_to_and_reported() {
         "{run:?}"
     );
     assert_eq!(read_if_exists(&rebooted), None);
-    assert_eq!(state(&world)["reboot"]["by_hail"], json!(false));
+    assert_eq!(world.state_of(SYSTEM)["reboot"]["by_hail"], json!(false));
     assert!(
-        status_table(&world).contains("reboot required since"),
+        world.status_table().contains("reboot required since"),
         "{}",
-        status_table(&world)
+        world.status_table()
     );
     assert_eq!(metric(&metrics, "hail_reboot_required"), Some(1.0));
     assert_eq!(metric(&metrics, "hail_reboot_pending"), Some(0.0));
@@ -508,7 +498,7 @@ fn without_allow_reboot_a_new_kernel_is_switched_to_and_reported() {
         switches(&world)
     );
     assert_eq!(read_if_exists(&rebooted), None);
-    assert_eq!(state(&world)["reboot"], Value::Null);
+    assert_eq!(world.state_of(SYSTEM)["reboot"], Value::Null);
 }
 
 /// Runs `cmd` with NOTIFY_SOCKET set to a socket of the test's, read as
@@ -598,7 +588,7 @@ fn holds_dry_runs_build_ages_and_pruning_work_for_systems() {
     assert!(run.stderr.contains("holding"), "{run:?}");
     assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
     assert_eq!(switches(&world).len(), 2);
-    assert_eq!(state(&world)["held"]["build_id"], json!(id_b));
+    assert_eq!(world.state_of(SYSTEM)["held"]["build_id"], json!(id_b));
 
     // A newer build, too young: a dry run says what would happen, a pass waits.
     let (id_c, c) = publish_system(&world, "c", "k1", "");

@@ -194,6 +194,36 @@ impl World {
         cmd
     }
 
+    /// `hail status` over this world's state dir, with `extra` arguments.
+    pub fn status(&self, extra: &[&str]) -> Run {
+        let mut cmd = self.bare_hail();
+        cmd.arg("status")
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(extra);
+        self.run(cmd)
+    }
+
+    /// `hail status` as an operator reads it: the table (exit 0 asserted).
+    pub fn status_table(&self) -> String {
+        let run = self.status(&[]);
+        assert_exit(&run, 0);
+        run.stdout
+    }
+
+    /// The state file hail keeps for `profile` (`null` while there is none;
+    /// one that is not JSON fails the test).
+    pub fn state_of(&self, profile: &str) -> serde_json::Value {
+        let path = self
+            .state_dir()
+            .join(format!("{}.json", profile.replace('/', "%2F")));
+        match read_if_exists(&path) {
+            Some(text) => serde_json::from_str(&text)
+                .unwrap_or_else(|err| panic!("{} is not JSON: {err}", path.display())),
+            None => serde_json::Value::Null,
+        }
+    }
+
     /// Runs a command to completion (bounded), capturing its output.
     pub fn run(&self, cmd: Command) -> Run {
         run_bounded(cmd)
