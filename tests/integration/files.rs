@@ -12,7 +12,6 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-
 use crate::common::{PROFILE, Run, World, assert_exit, exists, run_bounded};
 
 /// A file outside the dirs hail writes, which a planted link points at: it
