@@ -175,6 +175,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     allow_reboot: args.nixos.allow_reboot,
                     reboot_window: args.nixos.reboot_window,
                     booted: system::Nixos::booted_system_from_env(),
+                    runtime_dir: system::Nixos::runtime_dir_from_env(),
                 },
             };
             pass.run()?;

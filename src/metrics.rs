@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::failure::FailureKind;
 use crate::profile::ProfileName;
-use crate::state::{State, write_atomically};
+use crate::state::{Reboot, State, write_atomically};
 
 /// Renders the profile's state as Prometheus text exposition format.
 pub fn render(profile: &ProfileName, state: &State) -> String {
@@ -73,7 +73,7 @@ pub fn render(profile: &ProfileName, state: &State) -> String {
     gauge(
         "hail_reboot_pending",
         "1 while hail is to carry that reboot out itself (--allow-reboot).",
-        u64::from(state.reboot.as_ref().is_some_and(|r| r.by_hail)),
+        u64::from(state.reboot.as_ref().is_some_and(Reboot::pending)),
     );
     let counters = &state.counters;
     let _ = writeln!(

@@ -554,12 +554,22 @@ pub struct Reboot {
     /// When hail asked for the reboot.
     #[serde(default)]
     pub requested: Option<RebootRequest>,
+    /// When hail found that the host rebooted as it asked but booted another
+    /// system: hail does not reboot for this system again (no reboot loop), so
+    /// the reboot is someone's to do, as without `--allow-reboot`.
+    #[serde(default)]
+    pub booted_another: Option<u64>,
 }
 
 impl Reboot {
+    /// Whether hail is to carry the reboot out itself.
+    pub fn pending(&self) -> bool {
+        self.by_hail && self.booted_another.is_none()
+    }
+
     /// "reboot pending" or "reboot required", as status, metrics and the journal say it.
     pub fn label(&self) -> &'static str {
-        if self.by_hail {
+        if self.pending() {
             "reboot pending"
         } else {
             "reboot required"
@@ -572,6 +582,8 @@ pub struct RebootRequest {
     pub at: u64,
     /// The boot it was asked in (`/proc/sys/kernel/random/boot_id`): a
     /// later boot that still does not run the system is not rebooted again.
+    /// (In a container that may be the host kernel's, which a reboot of the
+    /// container keeps; the marker in the runtime dir tells there.)
     pub boot_id: String,
 }
 

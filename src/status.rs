@@ -145,6 +145,10 @@ fn notes(state: &State) -> String {
     }
     if let Some(reboot) = &state.reboot {
         let who = match (&reboot.window, reboot.by_hail, &reboot.requested) {
+            (_, true, Some(requested)) if reboot.booted_another.is_some() => format!(
+                "hail rebooted the host at {}, but it booted another system; reboot into it yourself",
+                utc(requested.at)
+            ),
             (_, true, Some(requested)) => format!("hail asked for it at {}", utc(requested.at)),
             (None, true, None) => "hail reboots the host".to_owned(),
             (Some(window), true, None) => format!("hail reboots the host inside {window}"),

@@ -29,6 +29,12 @@ pub const SYSTEM_PROFILE: &str = "system";
 /// Where NixOS links the system it booted.
 const BOOTED_SYSTEM: &str = "/run/booted-system";
 
+/// Where hail marks a reboot it asked for: a tmpfs that every boot empties.
+const RUNTIME_DIR: &str = "/run/hail";
+
+/// The mark's name in the runtime dir; it holds the request's time.
+const REBOOT_MARK: &str = "reboot-requested";
+
 /// What a system must have for a new one to run without a reboot: the links
 /// `system.autoUpgrade` compares.
 const BOOT_FILES: [&str; 3] = ["kernel", "initrd", "kernel-modules"];
@@ -104,14 +110,19 @@ pub struct Nixos {
     pub reboot_window: Option<RebootWindow>,
     /// `/run/booted-system`, or `HAIL_BOOTED_SYSTEM`.
     pub booted: PathBuf,
+    /// `/run/hail`, or `HAIL_RUNTIME_DIR`.
+    pub runtime_dir: PathBuf,
 }
 
 impl Nixos {
     /// The booted system as NixOS links it, unless `HAIL_BOOTED_SYSTEM` names another.
     pub fn booted_system_from_env() -> PathBuf {
-        std::env::var_os("HAIL_BOOTED_SYSTEM")
-            .filter(|path| !path.is_empty())
-            .map_or_else(|| PathBuf::from(BOOTED_SYSTEM), PathBuf::from)
+        path_from_env("HAIL_BOOTED_SYSTEM", BOOTED_SYSTEM)
+    }
+
+    /// hail's runtime dir, unless `HAIL_RUNTIME_DIR` names another.
+    pub fn runtime_dir_from_env() -> PathBuf {
+        path_from_env("HAIL_RUNTIME_DIR", RUNTIME_DIR)
     }
 
     /// Whether `system` needs a reboot to run: its kernel, initrd or kernel
@@ -286,6 +297,7 @@ impl Nixos {
                     by_hail: self.allow_reboot,
                     window,
                     requested: None,
+                    booted_another: None,
                 });
                 report::event(
                     Level::Warn,
@@ -309,28 +321,48 @@ impl Nixos {
                 reboot
             }
         };
-        report::status(&format!("{}: {}", reboot.label(), who_reboots(reboot)));
-        if !(reboot.by_hail && pass_succeeded) {
-            return None;
-        }
-        let boot_id = current_boot_id();
-        if let Some(requested) = &reboot.requested
-            && boot_id.as_ref().is_some_and(|id| *id != requested.boot_id)
+        if reboot.pending()
+            && let Some(requested) = &reboot.requested
+            && self.rebooted_since(requested)
         {
-            log::warn!(
-                "hail rebooted the host for {system} at {}, but it booted another system: not \
-                 rebooting again for this one. Choose it in the boot menu, roll the profile \
-                 back (hail holds), or publish a new build",
-                report::utc(requested.at)
+            // Rebooting again would boot the same entry again, and again.
+            reboot.booted_another = Some(state::now());
+            report::event(
+                Level::Warn,
+                message_id::REBOOT,
+                About {
+                    build_id: None,
+                    store_path: Some(&system),
+                },
+                format_args!(
+                    "hail rebooted the host for {system} at {}, but it booted {} (another \
+                     kernel, initrd or kernel modules): not rebooting again for this system. \
+                     Choose it in the boot menu, roll the profile back (hail holds), or publish \
+                     a new build",
+                    report::utc(requested.at),
+                    std::fs::read_link(&self.booted)
+                        .unwrap_or_else(|_| self.booted.clone())
+                        .display()
+                ),
             );
+        }
+        report::status(&format!("{}: {}", reboot.label(), who_reboots(reboot)));
+        if !(reboot.pending() && pass_succeeded) {
             return None;
         }
         match self.reboot_window.map(|w| w.contains_now()).transpose() {
             Ok(Some(false)) => None,
             Ok(_) => {
+                let at = state::now();
+                if let Err(err) = self.mark_reboot_request(at) {
+                    // Without the mark a reboot into another system could not
+                    // be told from none, and hail could reboot again and again.
+                    log::warn!("{err:#}; not rebooting");
+                    return None;
+                }
                 reboot.requested = Some(RebootRequest {
-                    at: state::now(),
-                    boot_id: boot_id.unwrap_or_default(),
+                    at,
+                    boot_id: current_boot_id().unwrap_or_default(),
                 });
                 Some(system)
             }
@@ -344,10 +376,14 @@ impl Nixos {
 
 /// Who reboots the host, for messages.
 fn who_reboots(reboot: &Reboot) -> String {
-    match (&reboot.window, reboot.by_hail) {
-        (_, false) => "reboot the host to run them (hail does with --allow-reboot)".to_owned(),
-        (None, true) => "hail reboots the host".to_owned(),
-        (Some(window), true) => format!("hail reboots the host inside the window {window}"),
+    match (&reboot.window, reboot.by_hail, reboot.booted_another) {
+        (_, true, Some(_)) => {
+            "hail rebooted the host once, but it booted another system; reboot into it yourself"
+                .to_owned()
+        }
+        (_, false, _) => "reboot the host to run them (hail does with --allow-reboot)".to_owned(),
+        (None, true, None) => "hail reboots the host".to_owned(),
+        (Some(window), true, None) => format!("hail reboots the host inside the window {window}"),
     }
 }
 
@@ -381,6 +417,32 @@ fn reboot_command() -> Command {
     let mut cmd = Command::new("systemctl");
     cmd.arg("reboot");
     cmd
+}
+
+impl Nixos {
+    /// Marks, in the runtime dir, that hail asks for a reboot at `at`.
+    fn mark_reboot_request(&self, at: u64) -> Result<()> {
+        let mark = self.runtime_dir.join(REBOOT_MARK);
+        state::write_atomically(&mark, at.to_string().as_bytes())
+            .with_context(|| format!("cannot mark the reboot request in {}", mark.display()))
+    }
+
+    /// Whether the host booted since hail asked for `requested`: the boot id
+    /// changed, or the mark is gone (a boot empties the runtime dir) or is
+    /// another request's. A container may see its host's boot id, which its
+    /// own reboot keeps; the mark tells there too.
+    fn rebooted_since(&self, requested: &RebootRequest) -> bool {
+        let boot_id_changed = current_boot_id().is_some_and(|id| id != requested.boot_id);
+        let mark = std::fs::read_to_string(self.runtime_dir.join(REBOOT_MARK)).ok();
+        boot_id_changed || mark.as_deref().map(str::trim) != Some(&requested.at.to_string())
+    }
+}
+
+/// `var` from the environment, unless unset or empty: then `default`.
+fn path_from_env(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .filter(|path| !path.is_empty())
+        .map_or_else(|| PathBuf::from(default), PathBuf::from)
 }
 
 /// This boot's id, to tell whether the host rebooted since hail asked.
@@ -529,6 +591,7 @@ mod tests {
             allow_reboot,
             reboot_window: None,
             booted: booted.to_owned(),
+            runtime_dir: booted.with_file_name("run"),
         }
     }
 

@@ -934,5 +934,40 @@ fn a_new_kernel_reboots_through_systemd() {
     );
     assert_eq!(c.boot_id(), after);
 
+    // The boot loader keeps b (as if the operator picked it in the boot
+    // menu): the reboot for system d (kernel k4) boots b again. hail reboots
+    // once for d and not again, though hail@ sees the host kernel's boot id,
+    // which a reboot of the container keeps: the mark in /run/hail tells.
+    write_system_env(c, &world, "HAIL_ALLOW_REBOOT=true\n");
+    let keep_b = format!("ln -sfn {b} {BOOT_DEFAULT}");
+    let (_, d) = publish_system(&world, "d", "k4", &switch_script("d", &keep_b));
+    assert_exit(&c.systemctl(&["start", "--no-block", SYSTEM_PASS]), 0);
+    container.wait_for_reboot(Duration::from_secs(30));
+    let c = &container;
+    let booted_b = c.boot_id();
+    assert_eq!(target_of(c, "/run/booted-system"), b);
+    assert_exit(&c.systemctl(&["start", SYSTEM_PASS]), 0);
+    journal_with(
+        c,
+        SYSTEM_PASS,
+        &format!("hail rebooted the host for {d} at "),
+    );
+    let state = system_state(c);
+    assert_eq!(state["reboot"]["store_path"], d.as_str());
+    assert!(state["reboot"]["booted_another"].is_u64(), "{state}");
+    let status = hail_status(c);
+    assert!(
+        status.contains("reboot required since")
+            && status.contains("but it booted another system; reboot into it yourself"),
+        "{status}"
+    );
+    assert_exit(&c.systemctl(&["start", SYSTEM_PASS]), 0);
+    let running = c.systemctl(&["is-system-running"]).out();
+    assert!(
+        matches!(running.as_str(), "running" | "degraded"),
+        "the container is {running}, not left alone"
+    );
+    assert_eq!(c.boot_id(), booted_b);
+
     eprintln!("reboot scenario took {:.1?}", started.elapsed());
 }

@@ -451,6 +451,95 @@ fn a_new_kernel_is_booted_into_inside_the_reboot_window_only() {
 }
 
 #[test]
+fn a_reboot_that_boots_another_system_is_not_repeated() {
+    let (world, _, a) = deployed_a();
+    let (path, rebooted) = fake_systemctl(&world);
+    let metrics = world.path("system.prom");
+    let metrics_arg = metrics.to_str().expect("a UTF-8 path");
+    let (_, b) = publish_system(&world, "b", "k2", "");
+    let allow = ["--allow-reboot", "--metrics-file", metrics_arg];
+    let reboots = || {
+        read_if_exists(&rebooted)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == "reboot")
+            .count()
+    };
+
+    // b needs a reboot: hail asks for one and marks it in the runtime dir.
+    assert_exit(&pass_booted(&world, &path, &a, &allow), 0);
+    assert_eq!(reboots(), 1);
+    let requested = &world.state_of(SYSTEM)["reboot"]["requested"];
+    let mark = world.runtime_dir().join("reboot-requested");
+    assert_eq!(
+        read_existing(&mark).trim(),
+        requested["at"].to_string(),
+        "the mark holds the request's time"
+    );
+
+    // The reboot did not happen (systemctl failed, say): the mark is still
+    // there, this is the same boot, so the next pass asks again.
+    assert_exit(&pass_booted(&world, &path, &a, &allow), 0);
+    assert_eq!(reboots(), 2);
+
+    // The host rebooted (emptying the runtime dir, as a boot empties /run;
+    // the boot id cannot tell in a container) but booted a again, not b:
+    // hail does not reboot again, says so once, and hands the reboot over.
+    std::fs::remove_dir_all(world.runtime_dir()).expect("remove the runtime dir");
+    let run = pass_booted(&world, &path, &a, &allow);
+    assert_exit(&run, 0);
+    assert_eq!(reboots(), 2, "{run:?}");
+    assert!(
+        run.stderr.contains(&format!(
+            "but it booted {a} (another kernel, initrd or kernel modules): not rebooting again"
+        )),
+        "{run:?}"
+    );
+    let reboot = &world.state_of(SYSTEM)["reboot"];
+    assert_eq!(reboot["store_path"], json!(b));
+    assert!(reboot["booted_another"].is_u64(), "{reboot}");
+    let table = world.status_table();
+    assert!(
+        table.contains("reboot required since")
+            && table.contains("but it booted another system; reboot into it yourself"),
+        "{table}"
+    );
+    assert_eq!(metric(&metrics, "hail_reboot_pending"), Some(0.0));
+    assert_eq!(metric(&metrics, "hail_reboot_required"), Some(1.0));
+    let run = pass_booted(&world, &path, &a, &allow);
+    assert_exit(&run, 0);
+    assert_eq!(reboots(), 2, "{run:?}");
+    assert!(!run.stderr.contains("not rebooting again"), "{run:?}");
+
+    // A new system is a new reboot hail carries out.
+    let (_, c) = publish_system(&world, "c", "k3", "");
+    assert_exit(&pass_booted(&world, &path, &a, &allow), 0);
+    assert_eq!(reboots(), 3);
+    let reboot = &world.state_of(SYSTEM)["reboot"];
+    assert_eq!(reboot["store_path"], json!(c));
+    assert_eq!(reboot["booted_another"], Value::Null);
+    assert_eq!(metric(&metrics, "hail_reboot_pending"), Some(1.0));
+}
+
+#[test]
+fn a_reboot_is_not_asked_for_unless_it_can_be_marked() {
+    let (world, _, a) = deployed_a();
+    let (path, rebooted) = fake_systemctl(&world);
+    publish_system(&world, "b", "k2", "");
+    // The runtime dir cannot be created: a file stands in its way.
+    std::fs::write(world.runtime_dir(), "not a dir").expect("block the runtime dir");
+    let run = pass_booted(&world, &path, &a, &["--allow-reboot"]);
+    assert_exit(&run, 0);
+    assert_eq!(read_if_exists(&rebooted), None, "{run:?}");
+    assert!(
+        run.stderr.contains("cannot mark the reboot request in")
+            && run.stderr.contains("not rebooting"),
+        "{run:?}"
+    );
+    assert_eq!(world.state_of(SYSTEM)["reboot"]["requested"], Value::Null);
+}
+
+#[test]
 fn without_allow_reboot_a_new_kernel_is_switched_to_and_reported() {
     let (world, _, a) = deployed_a();
     let (path, rebooted) = fake_systemctl(&world);

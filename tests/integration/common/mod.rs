@@ -150,6 +150,12 @@ impl World {
         cmd
     }
 
+    /// hail's runtime dir (`HAIL_RUNTIME_DIR`): removing it is what a reboot
+    /// does to `/run/hail`.
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.path("run")
+    }
+
     /// The hail binary with this world's environment but no arguments.
     pub fn bare_hail(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hail"));
@@ -173,6 +179,8 @@ impl World {
             self.cache.client_nix_config(&self.hydra.origin()),
         )
         .env("HAIL_TEST_RECORD", self.path("record"))
+        // Stands in for /run/hail, which a reboot empties.
+        .env("HAIL_RUNTIME_DIR", self.runtime_dir())
         .stdin(Stdio::null());
         cmd
     }
