@@ -38,6 +38,25 @@ pub struct Cli {
     pub pass: PassArgs,
 }
 
+impl Cli {
+    /// Parses the command line, with what clap's rules cannot check as usage
+    /// errors too: `requires` is met by `HAIL_ALLOW_REBOOT=false`, which
+    /// turns reboots off, so a window would be ignored without a word.
+    pub fn parse_checked() -> Result<Self, clap::Error> {
+        use clap::CommandFactory;
+        let cli = Self::try_parse()?;
+        let nixos = &cli.pass.nixos;
+        if nixos.reboot_window.is_some() && !nixos.allow_reboot {
+            return Err(Self::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--reboot-window (HAIL_REBOOT_WINDOW) needs --allow-reboot, which \
+                 HAIL_ALLOW_REBOOT turns off: set HAIL_ALLOW_REBOOT=true or remove the window",
+            ));
+        }
+        Ok(cli)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot-time activation: run PROFILE/bin/activate if the profile exists
@@ -278,6 +297,7 @@ pub struct NixosArgs {
 
     /// Reboot only between these local times (e.g. 02:00-04:30; may wrap
     /// midnight); outside it the reboot stays pending for a later pass.
+    /// Needs --allow-reboot.
     #[arg(long, env = "HAIL_REBOOT_WINDOW", value_name = "HH:MM-HH:MM", value_parser = RebootWindow::parse, requires = "allow_reboot")]
     pub reboot_window: Option<RebootWindow>,
 }

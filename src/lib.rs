@@ -21,7 +21,6 @@ pub mod system;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::Parser as _;
 
 use crate::activate::Runner;
 use crate::cli::{Cli, Command, ManagerCommand, ServiceCommand};
@@ -32,7 +31,7 @@ use crate::store_path::StoreDir;
 
 /// The whole program: parse, run, print one error with its chain.
 pub fn main() -> ExitCode {
-    let cli = Cli::try_parse().unwrap_or_else(|err| cli::exit_with(err));
+    let cli = Cli::parse_checked().unwrap_or_else(|err| cli::exit_with(err));
     let (profile, job) = match &cli.command {
         Some(Command::Activate(args)) => (args.profile.profile.as_ref(), Some(&args.job_uri)),
         Some(Command::ActivationFinished(args)) => (Some(&args.profile), None),

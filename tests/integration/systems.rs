@@ -522,6 +522,29 @@ fn a_reboot_that_boots_another_system_is_not_repeated() {
 }
 
 #[test]
+fn a_reboot_window_without_reboots_is_a_usage_error() {
+    let world = World::new();
+    // Without --allow-reboot (clap's rule), and with HAIL_ALLOW_REBOOT=false,
+    // which meets that rule but turns reboots off: exit 2, nothing run.
+    let missing = system_pass(&world, &["--reboot-window", "02:00-04:00"]);
+    let mut cmd = hail_system(&world, &[]);
+    cmd.env("HAIL_ALLOW_REBOOT", "false")
+        .env("HAIL_REBOOT_WINDOW", "02:00-04:00");
+    let turned_off = world.run(cmd);
+    for run in [&missing, &turned_off] {
+        assert_exit(run, 2);
+        assert!(run.stderr.contains("--allow-reboot"), "{run:?}");
+    }
+    assert!(
+        turned_off
+            .stderr
+            .contains("set HAIL_ALLOW_REBOOT=true or remove the window"),
+        "{turned_off:?}"
+    );
+    assert!(world.hydra.requests().is_empty());
+}
+
+#[test]
 fn a_reboot_is_not_asked_for_unless_it_can_be_marked() {
     let (world, _, a) = deployed_a();
     let (path, rebooted) = fake_systemctl(&world);
