@@ -144,20 +144,11 @@ fn notes(state: &State) -> String {
         ));
     }
     if let Some(reboot) = &state.reboot {
-        let who = match (&reboot.window, reboot.by_hail, &reboot.requested) {
-            (_, true, Some(requested)) if reboot.booted_another.is_some() => format!(
-                "hail rebooted the host at {}, but it booted another system; reboot into it yourself",
-                utc(requested.at)
-            ),
-            (_, true, Some(requested)) => format!("hail asked for it at {}", utc(requested.at)),
-            (None, true, None) => "hail reboots the host".to_owned(),
-            (Some(window), true, None) => format!("hail reboots the host inside {window}"),
-            (_, false, _) => "reboot the host to run it".to_owned(),
-        };
         notes.push(format!(
-            "{} since {}: {who}",
+            "{} since {}: {}",
             reboot.label(),
-            utc(reboot.since)
+            utc(reboot.since),
+            crate::system::who_reboots(reboot)
         ));
     }
     if let Some(waiting) = &state.waiting {

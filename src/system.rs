@@ -374,16 +374,19 @@ impl Nixos {
     }
 }
 
-/// Who reboots the host, for messages.
-fn who_reboots(reboot: &Reboot) -> String {
-    match (&reboot.window, reboot.by_hail, reboot.booted_another) {
-        (_, true, Some(_)) => {
-            "hail rebooted the host once, but it booted another system; reboot into it yourself"
-                .to_owned()
+/// Who reboots the host and when, for the journal, `STATUS=` and `hail status`.
+pub fn who_reboots(reboot: &Reboot) -> String {
+    let asked = reboot.requested.as_ref().map(|r| report::utc(r.at));
+    match (&reboot.window, reboot.by_hail, asked, reboot.booted_another) {
+        (_, false, _, _) => {
+            "reboot the host to run the new system (hail does with --allow-reboot)".to_owned()
         }
-        (_, false, _) => "reboot the host to run them (hail does with --allow-reboot)".to_owned(),
-        (None, true, None) => "hail reboots the host".to_owned(),
-        (Some(window), true, None) => format!("hail reboots the host inside the window {window}"),
+        (_, true, Some(at), Some(_)) => format!(
+            "hail rebooted the host at {at}, but it booted another system; reboot into it yourself"
+        ),
+        (_, true, Some(at), None) => format!("hail asked for it at {at}"),
+        (None, true, None, _) => "hail reboots the host".to_owned(),
+        (Some(window), true, None, _) => format!("hail reboots the host inside {window}"),
     }
 }
 

@@ -582,7 +582,8 @@ fn without_allow_reboot_a_new_kernel_is_switched_to_and_reported() {
     assert!(
         run.stderr.contains(&format!(
             "reboot required: the kernel, initrd or kernel modules of {b} are not the booted \
-             system's ({a}); reboot the host to run them"
+             system's ({a}); reboot the host to run the new system (hail does with \
+             --allow-reboot)"
         )),
         "{run:?}"
     );
