@@ -539,7 +539,8 @@ let
             A system that needs no reboot is switched to (`switch`, whatever
             {option}`services.hail.instances.<name>.operation` says). hail reboots
             once per system: a host that comes back running another one (chosen in
-            the boot menu) is not rebooted again for it. It becomes
+            the boot menu) is not rebooted again for it, and *reboot required* is
+            reported instead. It becomes
             `HAIL_ALLOW_REBOOT`.
 
             Without it hail switches to such a system too (the new kernel waits
