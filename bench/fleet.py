@@ -374,6 +374,7 @@ def start_front(cfg, d, upstream_port):
         "@LIFETIME@": f"{cfg['lifetime-sim']}s",
         "@ERROR_LIFETIME@": "1s",
         "@CACHE_DIR@": os.path.join(d, "cache"),
+        "@AUTH_CHECKED@": "0",
     }
     for part in ("http", "server"):
         with open(os.path.join(example, f"{part}.conf.in")) as f:

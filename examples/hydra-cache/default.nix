@@ -24,20 +24,35 @@
   errorLifetime ? "2s",
   # nginx's cache directory on NixOS is /var/cache/nginx (CacheDirectory=nginx).
   cacheDir ? "/var/cache/nginx/hydra",
+  # For a private Hydra: an htpasswd file (`htpasswd -B -c FILE HOST`) whose
+  # logins this front checks itself (the virtual host's basicAuthFile), before
+  # it answers from the cache. Hosts then share cached answers; a string keeps
+  # the file out of the store. null: no login here, and requests that carry
+  # credentials (for a proxy behind this one) are passed on and never cached.
+  basicAuthFile ? null,
 }:
 
 let
   fill =
     template:
     builtins.replaceStrings
-      [ "@UPSTREAM@" "@LIFETIME@" "@ERROR_LIFETIME@" "@CACHE_DIR@" ]
-      [ upstream lifetime errorLifetime cacheDir ]
+      [ "@UPSTREAM@" "@LIFETIME@" "@ERROR_LIFETIME@" "@CACHE_DIR@" "@AUTH_CHECKED@" ]
+      [
+        upstream
+        lifetime
+        errorLifetime
+        cacheDir
+        (if basicAuthFile == null then "0" else "1")
+      ]
       (builtins.readFile template);
 in
 {
   services.nginx = {
     enable = true;
     appendHttpConfig = fill ./http.conf.in;
-    virtualHosts.${hostName}.extraConfig = fill ./server.conf.in;
+    virtualHosts.${hostName} = {
+      extraConfig = fill ./server.conf.in;
+    }
+    // (if basicAuthFile == null then { } else { inherit basicAuthFile; });
   };
 }

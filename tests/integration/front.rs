@@ -28,17 +28,25 @@ impl Front {
     /// A front whose `latest` redirects and build objects live `lifetime`
     /// (errors: the example's default).
     fn start(world: &World, lifetime: &str) -> Self {
+        Self::start_with(world, &[("lifetime", lifetime)])
+    }
+
+    /// A front with these arguments of the example's module besides the
+    /// upstream and cache dir.
+    fn start_with(world: &World, args: &[(&str, &str)]) -> Self {
         let upstream = format!("127.0.0.1:{}", world.hydra.port());
         let nginx = Nginx::start(|port, dir| {
-            let cache = dir.join("cache");
-            let snippet = nixos_snippet(&[
-                ("upstream", upstream.as_str()),
-                ("lifetime", lifetime),
-                ("cacheDir", &cache.display().to_string()),
-            ]);
-            // Where NixOS puts them: the virtual host, then appendHttpConfig.
+            let cache = dir.join("cache").display().to_string();
+            let mut all = vec![("upstream", upstream.as_str()), ("cacheDir", &cache)];
+            all.extend_from_slice(args);
+            let snippet = nixos_snippet(&all);
+            // Where NixOS puts them: the virtual host (its basicAuthFile as
+            // the nginx module writes it, then extraConfig), then appendHttpConfig.
+            let auth = snippet.basic_auth_file.map_or_else(String::new, |file| {
+                format!("auth_basic secured;\nauth_basic_user_file {file};\n")
+            });
             format!(
-                "server {{\nlisten 127.0.0.1:{port};\nserver_name 127.0.0.1;\n{}\n}}\n{}",
+                "server {{\nlisten 127.0.0.1:{port};\nserver_name 127.0.0.1;\n{auth}{}\n}}\n{}",
                 snippet.server, snippet.http
             )
         });
@@ -64,6 +72,7 @@ impl Front {
 struct Snippet {
     http: String,
     server: String,
+    basic_auth_file: Option<String>,
 }
 
 /// Evaluates the example's NixOS module with these arguments (besides
@@ -87,9 +96,11 @@ fn nixos_snippet(args: &[(&str, &str)]) -> Snippet {
     let nginx: Value = serde_json::from_slice(&output.stdout).expect("JSON from nix-instantiate");
     let text = |v: &Value| v.as_str().expect("a string").to_owned();
     assert_eq!(nginx["enable"], true);
+    let host = &nginx["virtualHosts"]["127.0.0.1"];
     Snippet {
         http: text(&nginx["appendHttpConfig"]),
-        server: text(&nginx["virtualHosts"]["127.0.0.1"]["extraConfig"]),
+        server: text(&host["extraConfig"]),
+        basic_auth_file: host.get("basicAuthFile").map(text),
     }
 }
 
@@ -485,6 +496,71 @@ fn answers_to_credentials_are_never_cached() {
 }
 
 #[test]
+fn a_front_that_checks_logins_caches_for_the_hosts_that_pass() {
+    let world = World::new();
+    let htpasswd = world.path("htpasswd");
+    let hashed = Command::new("openssl")
+        .args(["passwd", "-apr1", "s3cret"])
+        .output()
+        .expect("openssl (apt-get install openssl)");
+    assert!(hashed.status.success(), "{}", output_text(&hashed));
+    let hashed = String::from_utf8(hashed.stdout).expect("UTF-8 from openssl");
+    std::fs::write(&htpasswd, format!("web1:{}", hashed.trim())).unwrap();
+    let front = Front::start_with(
+        &world,
+        &[
+            ("lifetime", "1h"),
+            ("basicAuthFile", htpasswd.to_str().expect("a UTF-8 path")),
+        ],
+    );
+    let netrc = |password: &str| {
+        let file = world.path(&format!("netrc-{password}"));
+        std::fs::write(
+            &file,
+            format!("machine 127.0.0.1 login web1 password {password}\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        file
+    };
+    let (right, wrong) = (netrc("s3cret"), netrc("guess"));
+    let hail = |netrc: &std::path::Path| {
+        let mut cmd = world.hail_with_job(&front.job_uri(JOB));
+        cmd.arg("--netrc-file").arg(netrc);
+        cmd
+    };
+    let (id, path) = world.publish("a");
+    assert_exit(&world.run(hail(&right)), 0);
+    assert_eq!(world.profile_target().as_deref(), Some(path.as_str()));
+
+    // Logged in, no-change passes are the front's to answer.
+    let upstream = world.hydra.api_requests().len();
+    for _ in 0..3 {
+        let run = world.run(hail(&right));
+        assert_exit(&run, 0);
+        assert!(
+            run.stderr.contains(&format!("up to date: build {id}")),
+            "{run:?}"
+        );
+    }
+    assert_eq!(upstream_since(&world, upstream), Vec::<String>::new());
+    // Without the password, or with a wrong one, the cached answer is not
+    // handed out: the front refuses first.
+    let run = world.run(hail(&wrong));
+    assert_exit(&run, 1);
+    assert!(run.stderr.contains("401"), "{run:?}");
+    let response = http_agent()
+        .head(format!("{}/latest", front.job_uri(JOB)))
+        .header("Accept", "application/json")
+        .call()
+        .expect("an answer from the front");
+    assert_eq!(response.status().as_u16(), 401);
+    assert_eq!(upstream_since(&world, upstream), Vec::<String>::new());
+    assert_eq!(world.generations(), [1]);
+}
+
+#[test]
 fn the_nixos_snippet_fills_in_every_parameter() {
     let snippet = nixos_snippet(&[]);
     let both = format!("{}{}", snippet.http, snippet.server);
@@ -495,6 +571,7 @@ fn the_nixos_snippet_fills_in_every_parameter() {
         "proxy_cache_valid 301 302 10s;",
         "proxy_cache_valid 200 10s;",
         "proxy_cache_valid 404 500 502 503 504 2s;",
+        "map \"0|$http_authorization|$cookie_hydra_session\" $hydra_cache_skip",
     ] {
         assert!(both.contains(default), "{default:?} not in:\n{both}");
     }
