@@ -12,7 +12,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::common::container::Container;
 use crate::common::{World, assert_exit};
 
-/// `${hail}/bin/hail` in the profiles: where `install` puts the binary.
+/// `${hail}/bin/hail` in the profiles: where [`Container::with_hail`] puts the binary.
 const HAIL_PREFIX: &str = "/usr/local";
 const UNIT_DIR: &str = "/run/systemd/system";
 /// Written by the service profiles' pre-switch step, one line per run.
@@ -51,34 +50,10 @@ fn publish(world: &World, job: &str, body: &str) -> (u64, String) {
     (id, path)
 }
 
-/// A container with hail installed as README says for other distributions,
-/// one env file per `(instance, job)`, and nix trusting the stand-in's cache.
+/// A container with hail installed (see [`Container::with_hail`]) and the
+/// directory the test profiles record into.
 fn install(world: &World, instances: &[(&str, &str)]) -> Container {
-    let container = Container::new();
-    container.install(
-        Path::new(env!("CARGO_BIN_EXE_hail")),
-        &format!("{HAIL_PREFIX}/bin/hail"),
-        0o755,
-    );
-    for unit in ["hail@.service", "hail@.timer", "hail-activate@.service"] {
-        container.install(
-            &crate::units::repo().join("systemd").join(unit),
-            &format!("/etc/systemd/system/{unit}"),
-            0o644,
-        );
-    }
-    for (instance, job) in instances {
-        container.write(
-            &format!("/etc/hail/{instance}.env"),
-            format!("HAIL_JOB_URI={}\n", world.hydra.job_uri(job)),
-            0o644,
-        );
-    }
-    container.write(
-        "/etc/nix/nix.conf",
-        world.cache.client_nix_config(&world.hydra.origin()),
-        0o644,
-    );
+    let container = Container::with_hail(world, instances);
     container.write("/var/lib/hail-test/.keep", "", 0o644);
     container
 }

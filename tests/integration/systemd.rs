@@ -6,7 +6,6 @@
 //! NixOS hosts too: NixOS-like systems switched in their transient unit, and
 //! a new kernel rebooted into through the container's systemd.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::common::container::Container;
@@ -50,33 +49,10 @@ fn publish(world: &World, label: &str, activate: &str) -> (u64, String) {
     (id, path)
 }
 
-/// A container with hail installed as README says for other distributions:
-/// the binary in /usr/local/bin, the units in /etc/systemd/system, the job in
-/// /etc/hail/demo.env, and nix.conf trusting the stand-in's cache.
+/// A container with hail installed (see [`Container::with_hail`]), the
+/// instance [`INSTANCE`] following [`JOB`].
 fn install(world: &World) -> Container {
-    let container = Container::new();
-    container.install(
-        Path::new(env!("CARGO_BIN_EXE_hail")),
-        "/usr/local/bin/hail",
-        0o755,
-    );
-    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
-    for unit in ["hail@.service", "hail@.timer", "hail-activate@.service"] {
-        let from = units.join(unit);
-        assert!(from.exists(), "{} is missing", from.display());
-        container.install(&from, &format!("/etc/systemd/system/{unit}"), 0o644);
-    }
-    container.write(
-        &format!("/etc/hail/{INSTANCE}.env"),
-        format!("HAIL_JOB_URI={}\n", world.hydra.job_uri(JOB)),
-        0o644,
-    );
-    container.write(
-        "/etc/nix/nix.conf",
-        world.cache.client_nix_config(&world.hydra.origin()),
-        0o644,
-    );
-    container
+    Container::with_hail(world, &[(INSTANCE, JOB)])
 }
 
 /// Boots, checks that hail runs in there, enables the instance.

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
 
-use super::{Run, run_bounded};
+use super::{Run, World, run_bounded};
 
 /// The Debian suite of the rootfs: the same as the host's, so the hail binary
 /// that cargo built runs in it.
@@ -137,6 +137,40 @@ impl Container {
     pub fn install(&self, from: &Path, path: &str, mode: u32) {
         let contents = fs::read(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display()));
         self.write(path, contents, mode);
+    }
+
+    /// A fresh container with hail installed as README says for other
+    /// distributions: the binary in /usr/local/bin, the plain units in
+    /// /etc/systemd/system, an env file `/etc/hail/INSTANCE.env` naming each
+    /// `(instance, job)`'s job URI, and nix.conf trusting `world`'s cache.
+    pub fn with_hail(world: &World, instances: &[(&str, &str)]) -> Self {
+        let container = Self::new();
+        container.install(
+            Path::new(env!("CARGO_BIN_EXE_hail")),
+            "/usr/local/bin/hail",
+            0o755,
+        );
+        let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+        for unit in ["hail@.service", "hail@.timer", "hail-activate@.service"] {
+            container.install(
+                &units.join(unit),
+                &format!("/etc/systemd/system/{unit}"),
+                0o644,
+            );
+        }
+        for (instance, job) in instances {
+            container.write(
+                &format!("/etc/hail/{instance}.env"),
+                format!("HAIL_JOB_URI={}\n", world.hydra.job_uri(job)),
+                0o644,
+            );
+        }
+        container.write(
+            "/etc/nix/nix.conf",
+            world.cache.client_nix_config(&world.hydra.origin()),
+            0o644,
+        );
+        container
     }
 
     /// A file in the container, if it exists (not following symlinks out of
