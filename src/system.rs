@@ -135,6 +135,24 @@ impl Nixos {
             .then(|| links(system) != links(&self.booted))
     }
 
+    /// Marks, in the runtime dir, that hail asks for a reboot at `at`.
+    fn mark_reboot_request(&self, at: u64) -> Result<()> {
+        let mark = self.runtime_dir.join(REBOOT_MARK);
+        state::write_atomically(&mark, at.to_string().as_bytes())
+            .with_context(|| format!("cannot mark the reboot request in {}", mark.display()))
+    }
+
+    /// Whether the host booted since hail asked for `requested`: the boot id
+    /// changed, or the mark is gone (a boot empties the runtime dir) or is
+    /// another request's. A container may see its host's boot id, which its
+    /// own reboot keeps; the mark tells there too.
+    fn rebooted_since(&self, requested: &RebootRequest) -> bool {
+        let boot_id_changed = current_boot_id().is_some_and(|id| id != requested.boot_id);
+        let mark = state::read_own_file(&self.runtime_dir.join(REBOOT_MARK)).ok();
+        boot_id_changed
+            || mark.as_deref().map(<[u8]>::trim_ascii) != Some(requested.at.to_string().as_bytes())
+    }
+
     /// What `switch-to-configuration` does with `system`: as
     /// `system.autoUpgrade` decides, `boot` (and a reboot) if reboots are
     /// allowed and it needs one, else `switch`; without `--allow-reboot`,
@@ -420,25 +438,6 @@ fn reboot_command() -> Command {
     let mut cmd = Command::new("systemctl");
     cmd.arg("reboot");
     cmd
-}
-
-impl Nixos {
-    /// Marks, in the runtime dir, that hail asks for a reboot at `at`.
-    fn mark_reboot_request(&self, at: u64) -> Result<()> {
-        let mark = self.runtime_dir.join(REBOOT_MARK);
-        state::write_atomically(&mark, at.to_string().as_bytes())
-            .with_context(|| format!("cannot mark the reboot request in {}", mark.display()))
-    }
-
-    /// Whether the host booted since hail asked for `requested`: the boot id
-    /// changed, or the mark is gone (a boot empties the runtime dir) or is
-    /// another request's. A container may see its host's boot id, which its
-    /// own reboot keeps; the mark tells there too.
-    fn rebooted_since(&self, requested: &RebootRequest) -> bool {
-        let boot_id_changed = current_boot_id().is_some_and(|id| id != requested.boot_id);
-        let mark = std::fs::read_to_string(self.runtime_dir.join(REBOOT_MARK)).ok();
-        boot_id_changed || mark.as_deref().map(str::trim) != Some(&requested.at.to_string())
-    }
 }
 
 /// `var` from the environment, unless unset or empty: then `default`.
