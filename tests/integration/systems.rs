@@ -522,6 +522,26 @@ fn a_reboot_that_boots_another_system_is_not_repeated() {
 }
 
 #[test]
+fn a_link_at_the_reboot_mark_is_replaced_not_followed() {
+    let (world, _, a) = deployed_a();
+    let (path, rebooted) = fake_systemctl(&world);
+    publish_system(&world, "b", "k2", "");
+    let victim = world.path("victim");
+    std::fs::write(&victim, "victim").unwrap();
+    std::fs::create_dir_all(world.runtime_dir()).unwrap();
+    let mark = world.runtime_dir().join("reboot-requested");
+    std::os::unix::fs::symlink(&victim, &mark).unwrap();
+
+    let run = pass_booted(&world, &path, &a, &["--allow-reboot"]);
+    assert_exit(&run, 0);
+    assert_eq!(read_if_exists(&rebooted).as_deref(), Some("reboot\n"));
+    assert_eq!(read_existing(&victim), "victim", "{run:?}");
+    assert!(mark.symlink_metadata().unwrap().file_type().is_file());
+    let requested = &world.state_of(SYSTEM)["reboot"]["requested"];
+    assert_eq!(read_existing(&mark).trim(), requested["at"].to_string());
+}
+
+#[test]
 fn a_reboot_window_without_reboots_is_a_usage_error() {
     let world = World::new();
     // Without --allow-reboot (clap's rule), and with HAIL_ALLOW_REBOOT=false,
