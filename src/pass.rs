@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use log::Level;
 
-use crate::activate::{self, Activation, ActivationFailure, Runner};
+use crate::activate::{self, Activation, ActivationFailure, EarlierActivation, Runner};
 use crate::failure::{FailedAs, Failure, FailureKind, kind_of};
 use crate::hydra::{self, Build, Latest};
 use crate::metrics;
@@ -333,6 +333,9 @@ impl Pass {
     fn decide(&self, state: &mut State, latest: &mut Option<u64>) -> Result<Outcome> {
         let current = self.profile.current_target(&self.store)?;
         self.reconcile(state, current.as_ref());
+        if let Some(build) = self.unfinished_system_switch(state, current.as_ref()) {
+            return self.resume_activation(state, &build);
+        }
         report::status(&format!("asking Hydra for {}", self.hydra.job()));
         let known = unchanged_build(state, current.as_ref(), &self.hydra.source());
         let (answer, evaluations) = self.hydra.latest(known, state.evaluations.as_ref());
@@ -501,6 +504,32 @@ impl Pass {
         }
     }
 
+    /// A NixOS system the profile was switched to by a pass that ended
+    /// before the switch and its check did (killed, or its unit restarted
+    /// while the switch went on in its own). It is finished before Hydra is
+    /// asked anything: the check is whether the host still reaches Hydra, and
+    /// a host the new system cut off could not ask what to deploy instead.
+    fn unfinished_system_switch(
+        &self,
+        state: &State,
+        current: Option<&StorePath>,
+    ) -> Option<Build> {
+        if !system::is_system_profile(&self.profile.name) {
+            return None;
+        }
+        let deployed = state
+            .deployed
+            .as_ref()
+            .filter(|d| d.activation == ActivationState::Pending)?;
+        let current = current.filter(|c| c.as_str() == deployed.store_path)?;
+        Some(Build {
+            id: deployed.build_id?,
+            out_path: current.clone(),
+            stoptime: None,
+            system: String::new(),
+        })
+    }
+
     /// The pass that switched to `build` ended before its activation did
     /// (killed, or its unit stopped or restarted). An activation that went
     /// on in its own transient unit and recorded its end counts as it
@@ -515,7 +544,14 @@ impl Pass {
             self.activate_timeout,
         )
         .failed_as(FailureKind::Activation)?
-        .filter(|earlier| earlier.finished_at >= switched_at);
+        .filter(|earlier| earlier.finished_at >= switched_at)
+        // A system switch that succeeded is checked as in the pass itself.
+        .map(|earlier| EarlierActivation {
+            outcome: self
+                .nixos
+                .confirm(&self.profile.name, earlier.outcome, &self.hydra, build),
+            ..earlier
+        });
         let Some(earlier) = earlier else {
             report::event(
                 Level::Warn,

@@ -745,6 +745,45 @@ fn a_system_switch_runs_detached_and_survives_a_restart_of_hails_unit() {
     journal_with(c, SYSTEM_BOOT, "which NixOS activates itself at boot");
     assert_eq!(c.lines(SWITCHES).len(), 2, "hail-activate@system switched");
 
+    // Again, but system c cuts the host off from Hydra, and the pass is
+    // restarted mid-switch: the restarted pass, which finds the switch done
+    // in its own unit, checks that Hydra still answers before it asks Hydra
+    // anything else, and rolls back to b.
+    write_system_env(c, &world, "HAIL_CONFIRM_TIMEOUT=3\n");
+    assert_exit(&c.exec(&["rm", "-f", RELEASE]), 0);
+    let (id_c, c_path) = publish_system(&world, "c", "k1", &switch_script("c", &gated("c")));
+    assert_exit(&c.systemctl(&["start", "--no-block", SYSTEM_PASS]), 0);
+    let pid = wait_for_start(c, "c");
+    assert_exit(&c.systemctl(&["restart", "--no-block", SYSTEM_PASS]), 0);
+    let waiting = format!("an earlier activation is still running in {SWITCH_UNIT}");
+    wait_for(Duration::from_secs(30), "the restarted pass to wait", || {
+        c.journal(SYSTEM_PASS).matches(&waiting).count() >= 2
+    });
+    world.hydra.fault("/latest", Fault::Close);
+    c.write(RELEASE, "", 0o644);
+    wait_for_done(c, &pid, "c");
+    wait_for(Duration::from_secs(60), "the restarted pass to end", || {
+        c.is_active(SYSTEM_PASS) != "activating"
+    });
+    assert_eq!(c.show(SYSTEM_PASS, "Result"), "exit-code");
+    let journal = journal_with(c, SYSTEM_PASS, "could not reach Hydra for 3 s");
+    assert!(
+        journal.contains(&format!("build {id_c} ({c_path}) failed to activate"))
+            && journal.contains("rolled back to generation 2"),
+        "{journal}"
+    );
+    assert_eq!(target_of(c, SYSTEM_PROFILE), b);
+    assert_eq!(generations_of(c, SYSTEM_PROFILE), [1, 2]);
+    assert_eq!(
+        c.lines(SWITCHES)[2..],
+        [
+            format!("switch label=c op=switch build={id_c}"),
+            format!("switch label=b op=switch build={id_b}"),
+        ],
+        "c switched once, then b again"
+    );
+    world.hydra.clear_faults();
+
     eprintln!("system switch scenario took {:.1?}", started.elapsed());
 }
 

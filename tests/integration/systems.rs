@@ -6,6 +6,7 @@
 //! generations. A fake `systemctl` first on PATH records a reboot.
 
 use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -312,6 +313,76 @@ fn a_host_cut_off_from_hydra_by_its_new_system_rolls_back() {
     assert_exit(&run, 0);
     assert_eq!(system_target(&world).as_deref(), Some(c.as_str()));
     assert_eq!(latest_requests(&world), asked + 1, "Hydra was asked again");
+}
+
+#[test]
+fn a_pass_killed_while_it_checks_hydra_is_finished_by_the_next() {
+    let (world, _, a) = deployed_a();
+    let (id_b, b) = publish_system(&world, "b", "k1", &cuts_the_host_off(&world, "b"));
+
+    // The switch to b cuts the host off; the pass is killed while it tries
+    // to reach Hydra.
+    let mut cmd = hail_system(&world, &["--confirm-timeout", "60"]);
+    cmd.process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut pass = cmd.spawn().expect("start hail");
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what} never happened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    until("the switch to b", &|| world.path("switched-b").exists());
+    let asked = latest_requests(&world);
+    world.hydra.fault("/latest", Fault::Close);
+    std::fs::write(world.path("cut-b"), "").expect("cut the host off");
+    until("the check after the switch", &|| {
+        latest_requests(&world) > asked
+    });
+    let group = format!("-{}", pass.id());
+    assert_exit(
+        &world.run({
+            let mut kill = Command::new("kill");
+            kill.args(["-KILL", "--", &group]);
+            kill
+        }),
+        0,
+    );
+    let _ = pass.wait();
+    assert_eq!(system_target(&world).as_deref(), Some(b.as_str()));
+    assert_eq!(
+        world.state_of(SYSTEM)["deployed"]["activation"],
+        json!("pending")
+    );
+
+    // Hydra is still out of reach: the next pass does not stop at asking it
+    // what to deploy; it finishes the switch and its check, and rolls back.
+    let run = system_pass(&world, &["--confirm-timeout", "2"]);
+    assert_exit(&run, 3);
+    let error = run.error();
+    assert!(
+        error.contains(&format!("build {id_b} ({b}) failed to activate"))
+            && error.contains("could not reach Hydra for 2 s")
+            && error.contains("rolled back to generation 1"),
+        "{run:?}"
+    );
+    assert_eq!(system_target(&world).as_deref(), Some(a.as_str()));
+    assert_eq!(system_generations(&world), [1]);
+    let ran = switches(&world);
+    assert!(
+        ran.last()
+            .is_some_and(|l| l.starts_with("switch system=a op=switch ")),
+        "{ran:?}"
+    );
+
+    // Hydra answers again: b is remembered as failed.
+    world.hydra.clear_faults();
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 3);
+    assert!(run.error().contains("failed to activate"), "{run:?}");
+    assert_eq!(switches(&world).len(), ran.len());
 }
 
 /// A fake `systemctl` first on PATH, recording its arguments; returns the
