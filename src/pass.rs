@@ -168,7 +168,7 @@ impl Pass {
                     state.last_success = Some(at);
                 }
                 if *outcome == Outcome::Deployed {
-                    state.counters.deploys += 1;
+                    state.counters.deploys = state.counters.deploys.saturating_add(1);
                 }
             }
             Err(err) => {
@@ -807,7 +807,7 @@ impl Pass {
                 build.id, build.out_path, failure.how
             ),
         );
-        state.counters.rollbacks += 1;
+        state.counters.rollbacks = state.counters.rollbacks.saturating_add(1);
         let activation = self.activation_name(build.out_path.as_str());
         state.failed = Some(FailedBuild {
             build_id: build.id,

@@ -654,7 +654,9 @@ impl State {
             exit_status: kind.exit_status(),
             kind,
         });
-        *self.counters.errors.entry(kind).or_default() += 1;
+        // Saturating: the count comes from the state file, whatever it says.
+        let count = self.counters.errors.entry(kind).or_default();
+        *count = count.saturating_add(1);
     }
 }
 

@@ -309,6 +309,30 @@ fn state_that_is_json_but_not_a_state_is_set_aside() {
     }
 }
 
+#[test]
+fn counters_at_their_limit_stay_there() {
+    let world = World::new();
+    world.publish("a");
+    assert_exit(&world.pass(&[]), 0);
+    let state = world.state_dir().join("web.json");
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    doc["counters"] = serde_json::json!({
+        "deploys": u64::MAX, "rollbacks": u64::MAX, "errors": {"hydra": u64::MAX}
+    });
+    std::fs::write(&state, doc.to_string()).unwrap();
+
+    // An error and a deploy count one more each: no overflow, no panic.
+    let broken = world.hail_with_job(&format!("{}/job/hail/nosuch/web", world.hydra.origin()));
+    assert_exit(&world.run(broken), 1);
+    world.publish("b");
+    assert_exit(&world.pass(&[]), 0);
+    let counters = &world.state_of(PROFILE)["counters"];
+    assert_eq!(counters["deploys"], u64::MAX);
+    assert_eq!(counters["errors"]["hydra"], u64::MAX);
+    assert_eq!(counters["rollbacks"], u64::MAX);
+}
+
 /// A `systemctl` stand-in first on PATH that records its arguments.
 fn systemctl_stub(dir: &Path) -> (String, PathBuf) {
     let record = dir.join("systemctl.log");
