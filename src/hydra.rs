@@ -852,14 +852,20 @@ struct HydraError {
     error: String,
 }
 
-/// Hydra's `{"error": "..."}` message, if the body is one.
+/// Hydra's `{"error": "..."}` message, if the body is one: on one line and
+/// shortened, since it reaches the state, `hail status` and the journal.
 fn hydra_error_message(response: &Response<ureq::Body>, body: &[u8]) -> Option<String> {
     if is_html(response) {
         return None;
     }
-    serde_json::from_slice::<HydraError>(body)
-        .ok()
-        .map(|e| e.error)
+    serde_json::from_slice::<HydraError>(body).ok().map(|e| {
+        let one_line: String = e
+            .error
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        shorten(&one_line)
+    })
 }
 
 /// `…/build/123` (absolute or relative, any query) → (123, the origin if

@@ -4,6 +4,7 @@
 
 use serde_json::Value;
 
+use crate::common::hydra::Fault;
 use crate::common::{World, assert_exit};
 
 /// Quoted output must stay this small in the state file and `hail status`.
@@ -98,6 +99,40 @@ fn megabytes_of_activate_stderr_are_quoted_in_a_few_kib() {
     );
     assert_eq!(quoted.get(19), Some(&"the last words"), "{message}");
     assert_eq!(quoted.len(), 20, "{message}");
+}
+
+#[test]
+fn a_megabyte_hydra_error_is_quoted_in_a_few_hundred_bytes() {
+    let (world, _) = deployed_a();
+    world.publish("b");
+    let said = format!("Hydra broke\n{}", "z".repeat(1_000_000));
+    let body = serde_json::json!({ "error": said })
+        .to_string()
+        .into_bytes();
+    world
+        .hydra
+        .fault("/latest", Fault::Respond(500, "application/json", body));
+    let run = world.pass(&[]);
+    assert_exit(&run, 1);
+    assert!(
+        run.stderr.len() < SMALL,
+        "stderr is {} bytes",
+        run.stderr.len()
+    );
+    assert!(
+        run.error().contains("500 Internal Server Error for ")
+            && run.error().contains(": Hydra broke zzz"),
+        "{}",
+        &run.stderr[..run.stderr.len().min(2000)]
+    );
+    let state_file = std::fs::read(world.state_dir().join("web.json")).unwrap();
+    assert!(
+        state_file.len() < SMALL,
+        "state file is {} bytes",
+        state_file.len()
+    );
+    let table = world.status_table();
+    assert!(table.len() < SMALL, "hail status is {} bytes", table.len());
 }
 
 #[test]

@@ -756,9 +756,11 @@ fn a_system_switch_runs_detached_and_survives_a_restart_of_hails_unit() {
     let pid = wait_for_start(c, "c");
     assert_exit(&c.systemctl(&["restart", "--no-block", SYSTEM_PASS]), 0);
     let waiting = format!("an earlier activation is still running in {SWITCH_UNIT}");
-    wait_for(Duration::from_secs(30), "the restarted pass to wait", || {
-        c.journal(SYSTEM_PASS).matches(&waiting).count() >= 2
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "the restarted pass to wait",
+        || c.journal(SYSTEM_PASS).matches(&waiting).count() >= 2,
+    );
     world.hydra.fault("/latest", Fault::Close);
     c.write(RELEASE, "", 0o644);
     wait_for_done(c, &pid, "c");
