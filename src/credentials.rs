@@ -36,8 +36,19 @@ pub fn for_host(explicit: Option<&Path>, host: &str) -> Result<Option<Credential
         );
     }
     let netrc = Netrc::parse(text, false).map_err(|err| {
+        // netrc-rs's message quotes the offending token, which may be part
+        // of a password (one with a space): only where it is.
+        let at = match err {
+            netrc_rs::Error::EOF => "it ends in the middle of an entry".to_owned(),
+            netrc_rs::Error::IllegalFormat(netrc_rs::Position(line, column), _) => {
+                format!(
+                    "an unexpected word at line {line}, column {column}; quote nothing, and \
+                         a password cannot contain spaces"
+                )
+            }
+        };
         anyhow!(
-            "netrc file {} is malformed ({err}); fix it or point --netrc-file elsewhere",
+            "netrc file {} is malformed ({at}); fix it or point --netrc-file elsewhere",
             path.display()
         )
     })?;

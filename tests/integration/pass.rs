@@ -504,6 +504,16 @@ fn basic_auth_from_netrc() {
             .contains(&format!("netrc file {} is malformed", netrc.display())),
         "{run:?}"
     );
+    // A password with a space: where, never what.
+    std::fs::write(&netrc, "machine 127.0.0.1 login ci password Summer 2024!\n").unwrap();
+    let run = world.pass(&["--netrc-file", netrc.to_str().unwrap()]);
+    assert_exit(&run, 1);
+    assert!(
+        run.stderr
+            .contains("is malformed (an unexpected word at line 1, column"),
+        "{run:?}"
+    );
+    assert!(!run.stderr.contains("2024"), "{run:?}");
 }
 
 #[test]
