@@ -42,8 +42,8 @@ pub fn for_host(explicit: Option<&Path>, host: &str) -> Result<Option<Credential
             netrc_rs::Error::EOF => "it ends in the middle of an entry".to_owned(),
             netrc_rs::Error::IllegalFormat(netrc_rs::Position(line, column), _) => {
                 format!(
-                    "an unexpected word at line {line}, column {column}; quote nothing, and \
-                         a password cannot contain spaces"
+                    "an unexpected word at line {line}, column {column}; netrc values cannot \
+                     contain spaces"
                 )
             }
         };
