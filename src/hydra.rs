@@ -385,11 +385,25 @@ impl Client {
     /// whichever build it names: after a NixOS switch, the proof that the
     /// host can still reach Hydra. A newer build that could not be deployed
     /// is no reason to call Hydra unreachable.
+    /// Hydra's own failure (5xx: a restart, its database) counts as reached:
+    /// the host got an answer from it, so the new system did not cut it off.
     pub fn confirm_reachable(&self) -> Result<()> {
         let (url, kind) = match &self.selection {
             Selection::WholeJobset { .. } => (self.job.latest_eval_url(), "eval"),
             redirecting => (format!("{}/{redirecting}", self.job.url()), "build"),
         };
+        let response = self.head(&url)?;
+        let status = response.status();
+        if status.is_server_error() {
+            log::info!(
+                "Hydra answered {url} with {status}: it is failing, but the host reaches it"
+            );
+            return Ok(());
+        }
+        if self.redirect_id(&url, &response, kind)?.is_some() {
+            return Ok(());
+        }
+        // Another answer: the usual request, for Hydra's message.
         self.redirect_target(&url, kind).map(|_| ())
     }
 

@@ -247,6 +247,11 @@ fn cuts_the_host_off(world: &World, label: &str) -> String {
 /// Runs a pass whose switch to `label` waits in [`cuts_the_host_off`]:
 /// Hydra stops answering once the switch ran.
 fn pass_that_loses_hydra(world: &World, label: &str, extra: &[&str]) -> Run {
+    pass_after_which_hydra(world, label, Fault::Close, extra)
+}
+
+/// Like [`pass_that_loses_hydra`], with `fault` in place of the lost connection.
+fn pass_after_which_hydra(world: &World, label: &str, fault: Fault, extra: &[&str]) -> Run {
     std::thread::scope(|scope| {
         let pass = scope.spawn(|| system_pass(world, extra));
         let deadline = Instant::now() + Duration::from_secs(90);
@@ -257,7 +262,7 @@ fn pass_that_loses_hydra(world: &World, label: &str, extra: &[&str]) -> Run {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        world.hydra.fault("/latest", Fault::Close);
+        world.hydra.fault("/latest", fault);
         std::fs::write(world.path(&format!("cut-{label}")), "").expect("cut the host off");
         pass.join().expect("the pass thread")
     })
@@ -313,6 +318,38 @@ fn a_host_cut_off_from_hydra_by_its_new_system_rolls_back() {
     assert_exit(&run, 0);
     assert_eq!(system_target(&world).as_deref(), Some(c.as_str()));
     assert_eq!(latest_requests(&world), asked + 1, "Hydra was asked again");
+}
+
+#[test]
+fn hydra_failing_after_a_switch_is_no_lost_network() {
+    let (world, _, _) = deployed_a();
+    let (id_b, b) = publish_system(&world, "b", "k1", &cuts_the_host_off(&world, "b"));
+    // Hydra restarting behind its proxy: 502 for a while. The host reached
+    // it, so the switch stands.
+    let bad_gateway = Fault::Respond(502, "text/html", b"<h1>502 Bad Gateway</h1>".to_vec());
+    let asked = latest_requests(&world);
+    let run = pass_after_which_hydra(&world, "b", bad_gateway, &["--confirm-timeout", "3"]);
+    assert_exit(&run, 0);
+    assert!(
+        run.stderr.contains(&format!("deployed build {id_b}")),
+        "{run:?}"
+    );
+    assert_eq!(system_target(&world).as_deref(), Some(b.as_str()));
+    assert_eq!(latest_requests(&world), asked + 2, "one check was enough");
+    world.hydra.clear_faults();
+
+    // A refusal is no answer to the pass's question: checked until the end,
+    // then rolled back.
+    let (_, c) = publish_system(&world, "c", "k1", &cuts_the_host_off(&world, "c"));
+    let forbidden = Fault::Respond(403, "application/json", br#"{"error":"nope"}"#.to_vec());
+    let run = pass_after_which_hydra(&world, "c", forbidden, &["--confirm-timeout", "2"]);
+    assert_exit(&run, 3);
+    assert!(
+        run.error().contains("could not reach Hydra for 2 s"),
+        "{run:?}"
+    );
+    assert_eq!(system_target(&world).as_deref(), Some(b.as_str()));
+    assert_ne!(system_target(&world).as_deref(), Some(c.as_str()));
 }
 
 #[test]
