@@ -227,6 +227,15 @@ let
     builtins.match ''https?://([[][0-9A-Fa-f:.]+[]]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?(/[^?#[:space:]]*)?/job/[^/?#[:space:]]+/[^/?#[:space:]]+/[^/?#[:space:]]+/?'' uri
     != null;
 
+  # A positive systemd time span (systemd.time(7)) on one line: "300", "5min",
+  # "1h 30min". systemd ignores any other OnUnitInactiveSec=, and the timer would
+  # then only fire at boot.
+  timeSpanIsValid =
+    span:
+    builtins.match " *([0-9.]+ *(usec|us|µs|msec|ms|seconds|second|sec|s|minutes|minute|min|m|hours|hour|hr|h|days|day|d|weeks|week|w|months|month|M|years|year|y)? *)+" span
+    != null
+    && builtins.match ".*[1-9].*" span != null;
+
   # A unit name's instance part: hail@<name>.service. Keep to characters that need no
   # systemd-escape(1) treatment, so that `systemctl start hail@<name>` just works.
   instanceNameIsValid = name: builtins.match "[A-Za-z0-9_.:-]+" name != null;
@@ -290,6 +299,14 @@ let
           "https://hydra.example.org/job/infra/main/web": without "/latest" (hail asks
           for <jobUri>/latest itself), without a query or fragment, and without
           credentials (put them in a netrc file and set ${option}.netrcFile).
+        '';
+      }
+      {
+        assertion = timeSpanIsValid instance.pollPeriod;
+        message = ''
+          ${option}.pollPeriod = "${instance.pollPeriod}" is not a positive systemd time
+          span; use one such as "30s", "5min" or "1h 30min" (see systemd.time(7)). systemd
+          would ignore it, and the timer would poll only at boot.
         '';
       }
       {

@@ -66,6 +66,50 @@ pub struct Listed {
     pub instance: Instance,
 }
 
+/// The variables the manager writes from an instance's own fields: not to be
+/// set through `environment`, where they would escape the manager's checks
+/// (two instances on one profile).
+const RESERVED: [(&str, &str); 3] = [
+    ("HAIL_PROFILE", "profile"),
+    ("HAIL_JOB_URI", "jobUri"),
+    ("HAIL_NETRC_FILE", "netrcFile"),
+];
+
+/// Whether `text` is a positive systemd time span (systemd.time(7)): numbers,
+/// each with an optional unit, such as `300`, `5min` or `1h 30min`.
+fn is_time_span(text: &str) -> bool {
+    const UNITS: [&str; 29] = [
+        "usec", "us", "µs", "msec", "ms", "seconds", "second", "sec", "s", "minutes", "minute",
+        "min", "m", "hours", "hour", "hr", "h", "days", "day", "d", "weeks", "week", "w", "months",
+        "month", "M", "years", "year", "y",
+    ];
+    // One line in a drop-in: blanks between the parts, nothing else.
+    if text.chars().any(|c| c.is_control() && c != '\t') {
+        return false;
+    }
+    let mut rest = text.trim();
+    let mut positive = false;
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        match rest[..number_end].parse::<f64>() {
+            Ok(number) if number.is_finite() => positive |= number > 0.0,
+            _ => return false,
+        }
+        rest = rest[number_end..].trim_start();
+        let unit_end = rest
+            .find(|c: char| !c.is_alphabetic())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_end];
+        if !unit.is_empty() && !UNITS.contains(&unit) {
+            return false;
+        }
+        rest = rest[unit_end..].trim_start();
+    }
+    positive
+}
+
 /// A unit instance name that needs no systemd escaping, so that `%i` in the
 /// units is the name as typed (the rule the NixOS module applies too).
 fn valid_instance_name(name: &str) -> bool {
@@ -119,11 +163,26 @@ impl Manager {
                 if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                     bail!("instance {name:?}: {key:?} is not an environment variable name");
                 }
+                if let Some((_, field)) = RESERVED.iter().find(|(reserved, _)| reserved == key) {
+                    bail!(
+                        "instance {name:?}: set {field:?} instead of {key} in \"environment\" \
+                         (the manager writes {key} from it, and checks it)"
+                    );
+                }
                 if value.chars().any(|c| c.is_control() && c != '\t') {
                     bail!(
                         "instance {name:?}: the value of {key} has a control character (newline?)"
                     );
                 }
+            }
+            if let Some(period) = &instance.poll_period
+                && !is_time_span(period)
+            {
+                bail!(
+                    "instance {name:?}: poll period {period:?} is not a systemd time span such as \
+                     \"5min\" or \"1h 30min\" (systemd would ignore it, and the timer would poll \
+                     only at boot)"
+                );
             }
             if let Some((other, _)) = instances.iter().find(|(_, l)| l.profile == profile) {
                 bail!(
@@ -215,10 +274,7 @@ impl Manager {
         let dropin = self.timer_dropin(name);
         match &instance.poll_period {
             Some(period) => {
-                if period.is_empty() || period.chars().any(|c| c.is_control()) {
-                    bail!("instance {name}: poll period {period:?} is not a time span");
-                }
-                // The empty assignment resets every trigger, so OnBootSec comes back too.
+                // Checked by parse_instances. The empty assignment resets every trigger, so OnBootSec comes back too.
                 let conf = format!(
                     "[Timer]\nOnUnitInactiveSec=\nOnBootSec=1min\nOnUnitInactiveSec={period}\n"
                 );
@@ -334,8 +390,45 @@ mod tests {
             r#"{"a": {"jobUri": "https://h/job/p/j/a", "profile": "x"}, "b": {"jobUri": "https://h/job/p/j/b", "profile": "x"}}"#,
             r#"{"web": {"jobUri": "https://h/job/p/j/web", "pollperiod": "1min"}}"#,
             r#"{"web": {"jobUri": "https://h/job/p/j/web", "environment": {"A B": "x"}}}"#,
+            // Another instance's profile, past the check on "profile".
+            r#"{"a": {"jobUri": "https://h/job/p/j/a", "environment": {"HAIL_PROFILE": "b"}}, "b": {"jobUri": "https://h/job/p/j/b"}}"#,
+            r#"{"web": {"jobUri": "https://h/job/p/j/web", "environment": {"HAIL_JOB_URI": "https://h/job/p/j/x"}}}"#,
+            r#"{"web": {"jobUri": "https://h/job/p/j/web", "pollPeriod": "5 parsecs"}}"#,
+            r#"{"web": {"jobUri": "https://h/job/p/j/web", "pollPeriod": "0"}}"#,
+            r#"{"web": {"jobUri": "https://h/job/p/j/web", "pollPeriod": ""}}"#,
+            r#"{"web": {"jobUri": "https://h/job/p/j/web", "pollPeriod": "5min\nOnBootSec=0"}}"#,
         ] {
             assert!(Manager::parse_instances(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn time_spans() {
+        for good in [
+            "300",
+            "5min",
+            "1h 30min",
+            "1h30min",
+            " 2 d ",
+            "0.5h",
+            "10s 500ms",
+            "1µs",
+        ] {
+            assert!(is_time_span(good), "{good:?}");
+        }
+        for bad in [
+            "",
+            "0",
+            "0min",
+            "5 parsecs",
+            "min",
+            "5min;",
+            "1..5s",
+            "-5min",
+            "inf",
+            "5\nmin",
+        ] {
+            assert!(!is_time_span(bad), "{bad:?}");
         }
     }
 

@@ -327,6 +327,21 @@ let
       "my web".jobUri = jobUri "web";
     };
 
+    badPollPeriod.instances = {
+      web = {
+        jobUri = jobUri "web";
+        pollPeriod = "5 parsecs";
+      };
+      db = {
+        jobUri = jobUri "db";
+        pollPeriod = "0";
+      };
+      ok = {
+        jobUri = jobUri "ok";
+        pollPeriod = "1h 30min";
+      };
+    };
+
     reservedEnvironment.instances.web = {
       jobUri = jobUri "web";
       environment.HAIL_JOB_URI = jobUri "other";
@@ -543,6 +558,7 @@ let
     badProfileFailsEach = lib.length cases.badProfile.failedAssertions == 7;
     badInstanceNameFails = anyMessage "becomes the systemd unit" cases.badInstanceName.failedAssertions;
     reservedEnvironmentFails = anyMessage "HAIL_JOB_URI" cases.reservedEnvironment.failedAssertions;
+    badPollPeriodFails = anyMessage "not a positive systemd time" cases.badPollPeriod.failedAssertions;
     systemEnvironment =
       cases.systemRebooting.services."hail@system".environment.HAIL_REBOOT_WINDOW == "23:30-04:00"
       && cases.systemRebooting.services."hail@system".environment.HAIL_ALLOW_REBOOT == "true"

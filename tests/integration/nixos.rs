@@ -528,6 +528,18 @@ fn bad_configurations_fail_with_the_fix() {
 
     assert_failures(
         &cases,
+        "badPollPeriod",
+        &[
+            &[
+                "services.hail.instances.db.pollPeriod = \"0\" is not a positive systemd time",
+                "the timer would poll only at boot",
+            ],
+            &["services.hail.instances.web.pollPeriod = \"5 parsecs\" is not a positive"],
+        ],
+    );
+
+    assert_failures(
+        &cases,
         "reservedEnvironment",
         &[&[
             "services.hail.instances.web.environment sets HAIL_ALLOW_REBOOT, HAIL_JOB_URI, HAIL_STATE_DIR",
