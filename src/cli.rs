@@ -419,14 +419,17 @@ pub const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 /// The longest `--min-build-age`.
 pub const MAX_BUILD_AGE: Duration = Duration::from_secs(366 * 86_400);
 
-/// A positive number of seconds, at most [`MAX_DEADLINE`].
+/// The shortest deadline: 1 ms (a unit's `RuntimeMaxSec=` counts in them).
+const MIN_DEADLINE: Duration = Duration::from_millis(1);
+
+/// A number of seconds from [`MIN_DEADLINE`] to [`MAX_DEADLINE`].
 pub fn parse_seconds(text: &str) -> Result<Duration, String> {
     let secs = text
         .trim()
         .parse::<f64>()
         .ok()
-        .filter(|secs| secs.is_finite() && *secs > 0.0)
-        .ok_or_else(|| format!("{text:?} is not a positive number of seconds"))?;
+        .filter(|secs| secs.is_finite() && *secs >= MIN_DEADLINE.as_secs_f64())
+        .ok_or_else(|| format!("{text:?} is not a number of seconds of at least 0.001"))?;
     Duration::try_from_secs_f64(secs)
         .ok()
         .filter(|d| *d <= MAX_DEADLINE)

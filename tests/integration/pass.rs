@@ -790,6 +790,9 @@ fn numbers_out_of_range_exit_2_naming_the_option_and_its_limit() {
         ("--timeout", "1e30", "86400 s"),
         ("--lock-timeout", "1e19", "86400 s"),
         ("--activate-timeout", "100000", "86400 s"),
+        // A deadline that would round to nothing.
+        ("--timeout", "1e-12", "at least 0.001"),
+        ("--nix-timeout", "0.0004", "at least 0.001"),
         ("--min-build-age", "18446744073709551615", "366 days"),
         ("--min-build-age", "400d", "366 days"),
     ] {
