@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use ureq::Agent;
 use ureq::http::{Response, StatusCode, Uri, header};
 
+use crate::state;
 use crate::store_path::{StoreDir, StorePath};
 
 /// Hydra's answers are a few KiB; anything this large is not Hydra.
@@ -29,6 +30,9 @@ const MAX_EVALS_BODY: u64 = 64 * 1024 * 1024;
 pub const MAX_EVAL_PAGES: usize = 3;
 /// …and the builds of at most this many evaluations.
 pub const MAX_EVALS_CHECKED: usize = 10;
+/// How long `--wait-for-jobset` trusts that an evaluation has failed builds:
+/// Hydra's operators restart failed builds, which may then succeed.
+const FAILED_VERDICT_LIFETIME: u64 = 3600;
 const EXPECTED_JOB_URI: &str = "http(s)://HOST[:PORT][/PREFIX]/job/PROJECT/JOBSET/JOB";
 
 /// A Hydra job URI, validated and split into the parts hail needs.
@@ -426,7 +430,9 @@ impl Client {
             Ok(eval) => eval,
             Err(err) => return (Err(err), memo.cloned()),
         };
-        if let Some(memo) = memo.filter(|m| m.newest_complete == newest_complete) {
+        if let Some(memo) = memo.filter(|m| {
+            m.newest_complete == newest_complete && m.rejudge_at.is_none_or(|at| state::now() < at)
+        }) {
             // Nothing was evaluated (and finished) since: the same answer.
             let choice = match (memo.chosen, &memo.waiting) {
                 (Some(id), _) => Ok(Choice::Id(id)),
@@ -441,6 +447,7 @@ impl Client {
             waiting: String::new(),
             verdicts: memo.map(|m| m.verdicts.clone()).unwrap_or_default(),
             job_systems: memo.map(|m| m.job_systems.clone()).unwrap_or_default(),
+            rejudge_at: None,
         };
         let choice = self.walk_evaluations(system, &mut next);
         match &choice {
@@ -467,15 +474,23 @@ impl Client {
                     break 'pages;
                 }
                 read.checked += 1;
-                if let Some(verdict) = memo.verdicts.get(&eval.id) {
-                    match verdict {
-                        Verdict::Deploy(id) => return Ok(Choice::Id(*id)),
-                        Verdict::Skip(why) => {
-                            read.skipped.push(format!("evaluation {} {why}", eval.id));
-                            read.job_systems.extend(memo.job_systems.iter().cloned());
-                            continue;
-                        }
+                let now = state::now();
+                let known = match memo.verdicts.get(&eval.id) {
+                    Some(Verdict::Deploy(id)) => return Ok(Choice::Id(*id)),
+                    Some(Verdict::Skip(why)) => Some((why.clone(), None)),
+                    Some(Verdict::Failed { why, at }) => at
+                        .checked_add(FAILED_VERDICT_LIFETIME)
+                        .filter(|until| now < *until)
+                        .map(|until| (why.clone(), Some(until))),
+                    None => None,
+                };
+                if let Some((why, until)) = known {
+                    if let Some(until) = until {
+                        memo.rejudge_at = Some(memo.rejudge_at.map_or(until, |t| t.min(until)));
                     }
+                    read.skipped.push(format!("evaluation {} {why}", eval.id));
+                    read.job_systems.extend(memo.job_systems.iter().cloned());
+                    continue;
                 }
                 let builds: Vec<HydraBuild> = self.get_json(
                     &self.job.eval_builds_url(eval.id),
@@ -509,6 +524,18 @@ impl Client {
                                     build.id, eval.id
                                 )
                             });
+                    }
+                    EvalVerdict::Failed(why) => {
+                        let until = now.saturating_add(FAILED_VERDICT_LIFETIME);
+                        memo.rejudge_at = Some(memo.rejudge_at.map_or(until, |t| t.min(until)));
+                        memo.verdicts.insert(
+                            eval.id,
+                            Verdict::Failed {
+                                why: why.clone(),
+                                at: now,
+                            },
+                        );
+                        read.skipped.push(format!("evaluation {} {why}", eval.id));
                     }
                     EvalVerdict::Skip(why) => {
                         // Only a finished evaluation's verdict is final.
@@ -1082,6 +1109,8 @@ fn output_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
 
 enum EvalVerdict<'a> {
     Deploy(&'a HydraBuild),
+    /// Failed builds, which a restart may yet mend.
+    Failed(String),
     Skip(String),
 }
 
@@ -1094,7 +1123,7 @@ fn eval_verdict<'a>(builds: &'a [HydraBuild], job: &str, system: Option<&str>) -
     }
     let failed = builds.iter().filter(|b| b.buildstatus != Some(0)).count();
     if failed > 0 {
-        return EvalVerdict::Skip(format!("has {failed} failed builds"));
+        return EvalVerdict::Failed(format!("has {failed} failed builds"));
     }
     // Several systems' builds of the job: the highest id, as Hydra's `latest`.
     let ours = builds
@@ -1132,6 +1161,8 @@ pub struct EvalMemo {
     pub verdicts: BTreeMap<u64, Verdict>,
     /// The systems the job was seen built for, for messages.
     pub job_systems: BTreeSet<String>,
+    /// When a failed verdict the choice rests on is to be judged again.
+    pub rejudge_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1139,8 +1170,10 @@ pub struct EvalMemo {
 pub enum Verdict {
     /// Every build succeeded; this is the job's build.
     Deploy(u64),
-    /// Why not.
+    /// Why not, for good (no build of the job, or not for the system).
     Skip(String),
+    /// Failed builds, judged at `at`: trusted for [`FAILED_VERDICT_LIFETIME`].
+    Failed { why: String, at: u64 },
 }
 
 impl EvalMemo {
@@ -1406,7 +1439,7 @@ mod tests {
         let finished: Vec<HydraBuild> = builds.into_iter().filter(|b| b.finished).collect();
         let verdict = |job, system| match eval_verdict(&finished, job, system) {
             EvalVerdict::Deploy(build) => Ok(build.id),
-            EvalVerdict::Skip(why) => Err(why),
+            EvalVerdict::Skip(why) | EvalVerdict::Failed(why) => Err(why),
         };
         assert_eq!(verdict("agent", Some("x86_64-linux")), Ok(4));
         assert_eq!(verdict("agent", Some("aarch64-linux")), Ok(3));

@@ -488,6 +488,49 @@ fn wait_for_jobset_deploys_only_fully_successful_evaluations() {
 }
 
 #[test]
+fn wait_for_jobset_deploys_an_evaluation_mended_by_a_restart() {
+    let world = World::new();
+    let (_, a) = publish_in_eval(&world, "a", 1);
+    other_job_in_eval(&world, Some(0), 1);
+    let (_, b) = publish_in_eval(&world, "b", 2);
+    let broken = other_job_in_eval(&world, Some(1), 2);
+    let run = world.pass(&["--wait-for-jobset"]);
+    assert_exit(&run, 0);
+    assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
+    assert!(
+        run.stderr.contains("evaluation 2 has 1 failed builds"),
+        "{run:?}"
+    );
+
+    // Someone restarts the failed build in Hydra and it succeeds; Hydra's
+    // newest finished evaluation is evaluation 2 throughout.
+    world.hydra.finish_build(broken, 0);
+    // Within the hour hail trusts its verdict: one request, still a.
+    let asked = world.hydra.api_requests().len();
+    assert_exit(&world.pass(&["--wait-for-jobset"]), 0);
+    assert_eq!(world.profile_target().as_deref(), Some(a.as_str()));
+    assert_eq!(world.hydra.api_requests().len(), asked + 1);
+
+    // An hour later (the verdict's time, moved back in the state file),
+    // evaluation 2 is read again, and b deploys.
+    let file = world.state_dir().join("web.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let memo = &mut state["evaluations"];
+    let judged = memo["verdicts"]["2"]["failed"]["at"].as_u64().unwrap();
+    memo["verdicts"]["2"]["failed"]["at"] = (judged - 3601).into();
+    memo["rejudge_at"] = (judged - 1).into();
+    std::fs::write(&file, state.to_string()).unwrap();
+    let run = world.pass(&["--wait-for-jobset"]);
+    assert_exit(&run, 0);
+    assert_eq!(
+        world.profile_target().as_deref(),
+        Some(b.as_str()),
+        "{run:?}"
+    );
+}
+
+#[test]
 fn min_build_age_waits_then_deploys() {
     let world = World::new();
     let (_, a) = world.publish("a");
