@@ -854,6 +854,8 @@ in
             Type = "oneshot";
             RemainAfterExit = true;
             UMask = "0022";
+            # A backstop: each bin/deactivate has 10 minutes (as hail gives one).
+            TimeoutStartSec = "1h";
           };
           script = ''
             list=${lib.escapeShellArg instancesList}
@@ -870,7 +872,7 @@ in
                   continue
                 fi
                 echo "profile $profile was removed; running $deactivate"
-                if ! "$deactivate" </dev/null; then
+                if ! timeout --kill-after=10s 600s "$deactivate" </dev/null; then
                   echo "$deactivate failed; trying again at the next switch or boot" >&2
                   keep="$keep$profile
             "
@@ -881,8 +883,10 @@ in
             if [ -z "$current$keep" ]; then
               rm -f "$list"
             else
-              printf '%s%s' "$current" "$keep" > "$list.tmp"
-              mv -f "$list.tmp" "$list"
+              # A new file of a random name, not one a link may wait at.
+              tmp=$(mktemp "$list.XXXXXXXX")
+              printf '%s%s' "$current" "$keep" > "$tmp"
+              mv -f "$tmp" "$list"
             fi
             exit "$failed"
           '';

@@ -168,6 +168,18 @@ fn good_configuration_generates_the_units() {
     assert!(removal["unitConfig"].get("ConditionPathExists").is_none());
     assert_eq!(strings(&removal["wantedBy"]), ["multi-user.target"]);
     assert_eq!(removal["serviceConfig"]["StateDirectory"], "hail");
+    // Bounded, each deactivate and the whole; the list replaced by a new file.
+    assert_eq!(removal["serviceConfig"]["TimeoutStartSec"], "1h");
+    assert!(
+        script.contains("timeout --kill-after=10s 600s \"$deactivate\"")
+            && script.contains("tmp=$(mktemp \"$list.XXXXXXXX\")"),
+        "{script}"
+    );
+    let syntax = std::process::Command::new("bash")
+        .args(["-n", "-c", script])
+        .output()
+        .expect("bash");
+    assert!(syntax.status.success(), "{}", output_text(&syntax));
     // A manager profile's bin/deactivate finds its instances' profiles there.
     assert_eq!(
         removal["environment"]["HAIL_PROFILES_DIR"],
