@@ -954,11 +954,13 @@ in
                 # status`; a oneshot unit ignores notifications unless allowed.
                 NotifyAccess = "main";
                 # A backstop above hail's own deadlines, which bound every step of a
-                # pass. At the defaults the worst case is about 3 h: the lock wait
+                # pass. At the defaults the worst case is about 3.2 h: the lock wait
                 # (HAIL_LOCK_TIMEOUT, 30 min), Hydra exchanges (HAIL_TIMEOUT, 1 min
-                # each), three nix-env calls (HAIL_NIX_TIMEOUT, 30 min each: the switch,
-                # and on a rollback the switch back and the deletion) and two
-                # activations (HAIL_ACTIVATE_TIMEOUT, 10 min each). Raise it with them.
+                # each), four nix calls (HAIL_NIX_TIMEOUT, 30 min each: the realise and
+                # the switch, and on a rollback the switch back and the deletion), two
+                # activations (HAIL_ACTIVATE_TIMEOUT, 10 min each, plus waiting for an
+                # earlier one) and a system's check that Hydra still answers
+                # (confirmTimeout, 1 min). Raise it with them.
                 TimeoutStartSec = lib.mkDefault "4h";
                 UMask = "0022";
               };
