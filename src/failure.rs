@@ -14,7 +14,18 @@ pub const EXIT_ACTIVATION_FAILED: u8 = 3;
 
 /// Which step of a pass failed.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::VariantArray,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum FailureKind {
@@ -30,7 +41,9 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    pub const ALL: [Self; 4] = [Self::Hydra, Self::Nix, Self::Activation, Self::State];
+    /// Every kind, derived from the enum itself: a new one is counted
+    /// everywhere without being listed by hand.
+    pub const ALL: &'static [Self] = <Self as strum::VariantArray>::VARIANTS;
 
     /// The name in the state, the metrics and the journal.
     pub fn label(self) -> &'static str {

@@ -91,7 +91,7 @@ pub fn render(profile: &ProfileName, state: &State) -> String {
         "# HELP hail_errors_total Failed passes by kind.\n# TYPE hail_errors_total counter"
     );
     for kind in FailureKind::ALL {
-        let count = counters.errors.get(&kind).copied().unwrap_or(0);
+        let count = counters.errors.get(kind).copied().unwrap_or(0);
         let _ = writeln!(
             out,
             "hail_errors_total{{{label},kind=\"{}\"}} {count}",
