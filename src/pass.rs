@@ -589,14 +589,18 @@ impl Pass {
     /// and retried by the next passes up to [`MAX_ACTIVATION_FAILURES`].
     fn retry_activation(&self, state: &mut State, build: &Build) -> Result<Outcome> {
         report::status(&format!("activating build {} again", build.id));
+        // As for a first activation: what success leads to, written first.
+        let success = self.prepare_success(state, build, Outcome::Reactivated, mark_reactivated);
         let activation = self.run_activate(Some(build.id), build.out_path.as_str(), "")?;
         let Some(deployed) = state.deployed.as_mut() else {
             anyhow::bail!("no deployment recorded for build {}", build.id);
         };
         match activation {
             Activation::Succeeded | Activation::NoScript => {
-                deployed.activation = ActivationState::Done;
-                deployed.activation_failures = 0;
+                mark_reactivated(state);
+                if let Some(Err(err)) = success.map(Prepared::commit) {
+                    log::warn!("{err:#}");
+                }
                 report::event(
                     Level::Info,
                     message_id::DEPLOYED,
@@ -730,7 +734,7 @@ impl Pass {
         // What the state says if activate succeeds, written now: should
         // activate fill the disk, the rename that commits it needs no space,
         // and the next pass does not run the same activation again.
-        let success = self.prepare_success(state, build, outcome);
+        let success = self.prepare_success(state, build, outcome, mark_activated);
         let previous = state
             .deployed
             .as_ref()
@@ -774,9 +778,15 @@ impl Pass {
     /// The state as this pass saves it if activating `build` succeeds,
     /// prepared for [`Prepared::commit`]; `None` if it cannot be written now
     /// (the final save tries again).
-    fn prepare_success(&self, state: &State, build: &Build, outcome: Outcome) -> Option<Prepared> {
+    fn prepare_success(
+        &self,
+        state: &State,
+        build: &Build,
+        outcome: Outcome,
+        mark: fn(&mut State),
+    ) -> Option<Prepared> {
         let mut success = state.clone();
-        mark_activated(&mut success);
+        mark(&mut success);
         success.waiting = None;
         self.record(&mut success, &Ok(outcome), Some(build.id));
         self.state
@@ -1121,11 +1131,17 @@ fn adopt_profile(
 
 /// The deployment's activation succeeded.
 fn mark_activated(state: &mut State) {
+    mark_reactivated(state);
+    state.failed = None;
+}
+
+/// The deployed build activated again after a failure: done, and no failed
+/// build forgotten (one may be Hydra's newer build).
+fn mark_reactivated(state: &mut State) {
     if let Some(deployed) = &mut state.deployed {
         deployed.activation = ActivationState::Done;
         deployed.activation_failures = 0;
     }
-    state.failed = None;
 }
 
 /// Failed activations of one deployment in a row after which the passes

@@ -864,26 +864,7 @@ fn a_full_disk_after_the_switch_does_not_make_the_exit_status_lie() {
             full = world.path("disk-was-full").display()
         ),
     );
-    // Both passes in one mount namespace, on a small tmpfs over the state dir
-    // (copied in first), as a full /var would be.
-    let cmd = in_mount_namespace(
-        "set -u; state=$1; out=$2; shift 2
-             cp -a \"$state\" \"$out/state-before\"
-             mount -t tmpfs -o size=256k hail-test \"$state\" || exit 90
-             cp -a \"$out/state-before/.\" \"$state/\"
-             \"$@\" 2>\"$out/stderr1\"; echo $? >\"$out/rc1\"
-             rm -f \"$state/filler\"
-             \"$@\" 2>\"$out/stderr2\"; echo $? >\"$out/rc2\"
-             cp \"$state/web.json\" \"$out/state-after\"",
-        OsStr::new("sh"),
-        &[state_dir.as_os_str(), world.tmp.path().as_os_str()],
-        &world.hail(),
-    );
-    let run = world.run(cmd);
-    assert_exit(&run, 0);
-    let read = |name: &str| {
-        std::fs::read_to_string(world.path(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
-    };
+    let read = two_passes_on_a_small_state_dir(&world);
     let stderr1 = read("stderr1");
     assert_eq!(
         read("rc1").trim(),
@@ -904,6 +885,71 @@ fn a_full_disk_after_the_switch_does_not_make_the_exit_status_lie() {
         .filter(|l| l.starts_with("label=b "))
         .count();
     assert_eq!(b_runs, 1, "the second pass activated b again");
+    let saved: Value = serde_json::from_str(&read("state-after")).unwrap();
+    assert_eq!(saved["deployed"]["activation"], json!("done"));
+}
+
+/// Runs two passes in one mount namespace, on a 256 KiB tmpfs over the state
+/// dir (copied in first), as a full /var would be; the `filler` file an
+/// activate may write there is removed between them. Returns a reader of
+/// what they left in the world's dir: `rc1`, `stderr1`, `rc2`, `stderr2`,
+/// `state-after`.
+fn two_passes_on_a_small_state_dir(world: &World) -> impl Fn(&str) -> String + '_ {
+    let cmd = in_mount_namespace(
+        "set -u; state=$1; out=$2; shift 2
+             cp -a \"$state\" \"$out/state-before\"
+             mount -t tmpfs -o size=256k hail-test \"$state\" || exit 90
+             cp -a \"$out/state-before/.\" \"$state/\"
+             \"$@\" 2>\"$out/stderr1\"; echo $? >\"$out/rc1\"
+             rm -f \"$state/filler\"
+             \"$@\" 2>\"$out/stderr2\"; echo $? >\"$out/rc2\"
+             cp \"$state/web.json\" \"$out/state-after\"",
+        OsStr::new("sh"),
+        &[world.state_dir().as_os_str(), world.tmp.path().as_os_str()],
+        &world.hail(),
+    );
+    let run = world.run(cmd);
+    assert_exit(&run, 0);
+    |name: &str| std::fs::read_to_string(world.path(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn a_full_disk_after_a_retried_activation_does_not_run_it_again() {
+    let (world, _) = deployed_a();
+    // b's activate: the deploy's run succeeds, the boot activation fails,
+    // and the pass's retry fills the state dir's file system and succeeds.
+    let (_, b) = publish_b(
+        &world,
+        &format!(
+            "n=$(grep -c '^label=b ' \"$HAIL_TEST_RECORD\")
+             [ \"$n\" -ne 2 ] || exit 1
+             if [ \"$n\" -eq 3 ]; then dd if=/dev/zero of={state}/filler bs=4k 2>/dev/null; fi
+             exit 0",
+            state = world.state_dir().display()
+        ),
+    );
+    assert_exit(&world.pass(&[]), 0);
+    assert_exit(&world.run(world.boot_activation()), 3);
+    let b_runs = || {
+        world
+            .activations()
+            .iter()
+            .filter(|l| l.starts_with("label=b "))
+            .count()
+    };
+    assert_eq!(b_runs(), 2);
+
+    let read = two_passes_on_a_small_state_dir(&world);
+    assert_eq!(read("rc1").trim(), "0", "{}", read("stderr1"));
+    assert!(read("stderr1").contains("again"), "{}", read("stderr1"));
+    assert_eq!(read("rc2").trim(), "0", "{}", read("stderr2"));
+    assert!(
+        read("stderr2").contains("up to date"),
+        "{}",
+        read("stderr2")
+    );
+    assert_eq!(b_runs(), 3, "the second pass activated b again");
+    assert_eq!(world.profile_target().as_deref(), Some(b.as_str()));
     let saved: Value = serde_json::from_str(&read("state-after")).unwrap();
     assert_eq!(saved["deployed"]["activation"], json!("done"));
 }
