@@ -72,9 +72,30 @@ fn no_change_is_one_exchange_and_no_nix() {
     let bytes = world.hydra.bytes_sent();
 
     // Hydra's redirect names the build hail deployed from the same source, and
-    // the profile is still there: one request, nothing else.
-    let run = world.pass(&[]);
+    // the profile is still there: one request, nothing else. PATH holds only
+    // nix commands that note it when they run.
+    let bin = world.path("noting-bin");
+    std::fs::create_dir(&bin).unwrap();
+    let ran = world.path("ran");
+    for command in ["nix", "nix-store", "nix-env", "systemd-run", "systemctl"] {
+        let stub = bin.join(command);
+        std::fs::write(
+            &stub,
+            format!("#!/bin/sh\necho {command} >> {}\nexit 99\n", ran.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+    let mut cmd = world.hail();
+    cmd.env("PATH", &bin);
+    let run = world.run(cmd);
     assert_exit(&run, 0);
+    assert!(
+        !exists(&ran),
+        "a no-change pass ran {:?}",
+        std::fs::read_to_string(&ran)
+    );
     assert!(
         run.stderr.contains(&format!("up to date: build {id}")),
         "{run:?}"

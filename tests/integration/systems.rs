@@ -321,6 +321,24 @@ fn a_host_cut_off_from_hydra_by_its_new_system_rolls_back() {
 }
 
 #[test]
+fn an_idle_pass_on_a_system_is_one_request() {
+    let (world, id_a, _) = deployed_a();
+    let asked = world.hydra.requests().len();
+    let run = system_pass(&world, &[]);
+    assert_exit(&run, 0);
+    assert!(
+        run.stderr.contains(&format!("up to date: build {id_a}")),
+        "{run:?}"
+    );
+    let after: Vec<String> = world.hydra.requests()[asked..]
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(after, [format!("HEAD /job/hail/main/{JOB}/latest")]);
+    assert_eq!(switches(&world).len(), 1);
+}
+
+#[test]
 fn hydra_failing_after_a_switch_is_no_lost_network() {
     let (world, _, _) = deployed_a();
     let (id_b, b) = publish_system(&world, "b", "k1", &cuts_the_host_off(&world, "b"));
