@@ -24,6 +24,15 @@ fn deployed_a() -> (World, String) {
     (world, a)
 }
 
+/// How many times b's activate ran.
+fn b_runs(world: &World) -> usize {
+    world
+        .activations()
+        .iter()
+        .filter(|l| l.starts_with("label=b "))
+        .count()
+}
+
 fn last_activation_label(world: &World) -> Option<String> {
     world.activations().last().and_then(|l| {
         l.split_whitespace()
@@ -545,11 +554,7 @@ fn killed_during_activation_converges() {
     assert!(run.stderr.contains("interrupted"), "{run:?}");
     assert_eq!(world.profile_target().as_deref(), Some(b.as_str()));
     assert_eq!(world.generations(), [1, 2]);
-    let b_runs = world
-        .activations()
-        .iter()
-        .filter(|l| l.starts_with("label=b "))
-        .count();
+    let b_runs = b_runs(&world);
     assert_eq!(b_runs, 2, "activate of b ran again to completion");
     assert_eq!(
         world.state_of(PROFILE)["deployed"]["activation"],
@@ -579,11 +584,7 @@ fn concurrent_passes_two_and_five() {
             "{n} passes"
         );
         assert_eq!(world.generations(), [1, 2], "{n} passes");
-        let b_runs = world
-            .activations()
-            .iter()
-            .filter(|l| l.starts_with("label=b "))
-            .count();
+        let b_runs = b_runs(&world);
         assert_eq!(b_runs, 1, "{n} passes activated b {b_runs} times");
     }
 }
@@ -655,21 +656,14 @@ fn killed_while_rolling_back_is_finished_by_the_next_pass() {
         world.state_of(PROFILE)["rolling_back"]["build_id"],
         json!(id_b)
     );
-    let b_runs = || {
-        world
-            .activations()
-            .iter()
-            .filter(|l| l.starts_with("label=b "))
-            .count()
-    };
-    assert_eq!(b_runs(), 1);
+    assert_eq!(b_runs(&world), 1);
 
     // The next pass finishes the rollback instead of deploying b again.
     let run = world.pass(&[]);
     assert_exit(&run, 3);
     assert!(run.stderr.contains("interrupted"), "{run:?}");
     assert_a_intact(&world, &a, "after finishing the rollback", &run);
-    assert_eq!(b_runs(), 1, "b was activated again\n{run:?}");
+    assert_eq!(b_runs(&world), 1, "b was activated again\n{run:?}");
     let saved = world.state_of(PROFILE);
     assert_eq!(saved["rolling_back"], Value::Null);
     assert_eq!(saved["failed"]["build_id"], json!(id_b));
@@ -879,11 +873,7 @@ fn a_full_disk_after_the_switch_does_not_make_the_exit_status_lie() {
         "{}",
         read("stderr2")
     );
-    let b_runs = world
-        .activations()
-        .iter()
-        .filter(|l| l.starts_with("label=b "))
-        .count();
+    let b_runs = b_runs(&world);
     assert_eq!(b_runs, 1, "the second pass activated b again");
     let saved: Value = serde_json::from_str(&read("state-after")).unwrap();
     assert_eq!(saved["deployed"]["activation"], json!("done"));
@@ -930,14 +920,7 @@ fn a_full_disk_after_a_retried_activation_does_not_run_it_again() {
     );
     assert_exit(&world.pass(&[]), 0);
     assert_exit(&world.run(world.boot_activation()), 3);
-    let b_runs = || {
-        world
-            .activations()
-            .iter()
-            .filter(|l| l.starts_with("label=b "))
-            .count()
-    };
-    assert_eq!(b_runs(), 2);
+    assert_eq!(b_runs(&world), 2);
 
     let read = two_passes_on_a_small_state_dir(&world);
     assert_eq!(read("rc1").trim(), "0", "{}", read("stderr1"));
@@ -948,7 +931,7 @@ fn a_full_disk_after_a_retried_activation_does_not_run_it_again() {
         "{}",
         read("stderr2")
     );
-    assert_eq!(b_runs(), 3, "the second pass activated b again");
+    assert_eq!(b_runs(&world), 3, "the second pass activated b again");
     assert_eq!(world.profile_target().as_deref(), Some(b.as_str()));
     let saved: Value = serde_json::from_str(&read("state-after")).unwrap();
     assert_eq!(saved["deployed"]["activation"], json!("done"));

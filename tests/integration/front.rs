@@ -133,6 +133,17 @@ fn upstream_since(world: &World, skip: usize) -> Vec<String> {
         .collect()
 }
 
+/// The front's answer to `JOB/latest` asked without credentials.
+fn status_without_credentials(front: &Front) -> u16 {
+    http_agent()
+        .head(format!("{}/latest", front.job_uri(JOB)))
+        .header("Accept", "application/json")
+        .call()
+        .expect("an answer from the front")
+        .status()
+        .as_u16()
+}
+
 fn http_agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .max_redirects(0)
@@ -487,12 +498,7 @@ fn answers_to_credentials_are_never_cached() {
     assert_eq!(asked.len(), 3, "{asked:?}");
     assert!(asked.iter().all(|r| r.header("Authorization").is_some()));
     // Nothing they were told reaches a client without them.
-    let response = http_agent()
-        .head(format!("{}/latest", front.job_uri(JOB)))
-        .header("Accept", "application/json")
-        .call()
-        .expect("an answer from the front");
-    assert_eq!(response.status().as_u16(), 401);
+    assert_eq!(status_without_credentials(&front), 401);
 }
 
 #[test]
@@ -550,12 +556,7 @@ fn a_front_that_checks_logins_caches_for_the_hosts_that_pass() {
     let run = world.run(hail(&wrong));
     assert_exit(&run, 1);
     assert!(run.stderr.contains("401"), "{run:?}");
-    let response = http_agent()
-        .head(format!("{}/latest", front.job_uri(JOB)))
-        .header("Accept", "application/json")
-        .call()
-        .expect("an answer from the front");
-    assert_eq!(response.status().as_u16(), 401);
+    assert_eq!(status_without_credentials(&front), 401);
     assert_eq!(upstream_since(&world, upstream), Vec::<String>::new());
     assert_eq!(world.generations(), [1]);
 }

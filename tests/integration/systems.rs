@@ -304,12 +304,7 @@ fn a_host_cut_off_from_hydra_by_its_new_system_rolls_back() {
         "{ran:?}"
     );
 
-    // Hydra answers again: b is remembered as failed, not switched to again.
-    world.hydra.clear_faults();
-    let run = system_pass(&world, &[]);
-    assert_exit(&run, 3);
-    assert!(run.error().contains("failed to activate"), "{run:?}");
-    assert_eq!(switches(&world).len(), ran.len());
+    assert_b_is_remembered_as_failed(&world);
 
     // --confirm-timeout 0: no check after the switch, so the same loss is no failure.
     let (_, c) = publish_system(&world, "c", "k1", &cuts_the_host_off(&world, "c"));
@@ -432,12 +427,18 @@ fn a_pass_killed_while_it_checks_hydra_is_finished_by_the_next() {
         "{ran:?}"
     );
 
-    // Hydra answers again: b is remembered as failed.
+    assert_b_is_remembered_as_failed(&world);
+}
+
+/// Once Hydra answers again, b (Hydra's latest) is remembered as failed and
+/// not switched to again.
+fn assert_b_is_remembered_as_failed(world: &World) {
     world.hydra.clear_faults();
-    let run = system_pass(&world, &[]);
+    let before = switches(world).len();
+    let run = system_pass(world, &[]);
     assert_exit(&run, 3);
     assert!(run.error().contains("failed to activate"), "{run:?}");
-    assert_eq!(switches(&world).len(), ran.len());
+    assert_eq!(switches(world).len(), before);
 }
 
 /// A fake `systemctl` first on PATH, recording its arguments; returns the
