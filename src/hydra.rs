@@ -388,9 +388,9 @@ impl Client {
     /// redirect to a build, or for `--wait-for-jobset` to an evaluation),
     /// whichever build it names: after a NixOS switch, the proof that the
     /// host can still reach Hydra. A newer build that could not be deployed
-    /// is no reason to call Hydra unreachable.
-    /// Hydra's own failure (5xx: a restart, its database) counts as reached:
-    /// the host got an answer from it, so the new system did not cut it off.
+    /// is no reason to call Hydra unreachable, and neither is Hydra's own
+    /// failure (5xx: a restart, its database): the host got an answer from
+    /// it, so the new system did not cut it off.
     pub fn confirm_reachable(&self) -> Result<()> {
         let (url, kind) = match &self.selection {
             Selection::WholeJobset { .. } => (self.job.latest_eval_url(), "eval"),

@@ -274,7 +274,8 @@ impl Manager {
         let dropin = self.timer_dropin(name);
         match &instance.poll_period {
             Some(period) => {
-                // Checked by parse_instances. The empty assignment resets every trigger, so OnBootSec comes back too.
+                // A time span (parse_instances checked it). The empty assignment
+                // resets every trigger, so OnBootSec comes back too.
                 let conf = format!(
                     "[Timer]\nOnUnitInactiveSec=\nOnBootSec=1min\nOnUnitInactiveSec={period}\n"
                 );
