@@ -314,9 +314,9 @@ pub struct LockArgs {
     pub lock_timeout: Duration,
 }
 
-/// Which of the job's builds to deploy: one of `--latest-finished` and
-/// `--wait-for-jobset` (an argument group), `--system` with either of the
-/// others but `--latest-finished`.
+/// Which of the job's builds to deploy: one of `--latest-finished`,
+/// `--wait-for-jobset` and `--gate-job` (an argument group), `--system`
+/// with none of them or with `--wait-for-jobset`.
 #[derive(Debug, Args)]
 pub struct SelectionArgs {
     /// Only builds for this system (Hydra's latest-for/SYSTEM); otherwise the
@@ -339,11 +339,30 @@ pub struct SelectionArgs {
     /// finished evaluation is unchanged, one small request).
     #[arg(long, env = "HAIL_WAIT_FOR_JOBSET", group = "build_selection")]
     pub wait_for_jobset: bool,
+
+    /// Only this job's build from the evaluation in which JOB, a job of the
+    /// same jobset that succeeds only when everything that must does (an
+    /// aggregate such as releaseTools.aggregate), last succeeded. Small
+    /// requests whatever the jobset's size: while JOB's latest build is
+    /// unchanged, one.
+    #[arg(
+        long,
+        env = "HAIL_GATE_JOB",
+        value_name = "JOB",
+        value_parser = parse_job_name,
+        group = "build_selection",
+        conflicts_with = "system"
+    )]
+    pub gate_job: Option<String>,
 }
 
 impl SelectionArgs {
     pub fn selection(self) -> Selection {
         match self {
+            Self {
+                gate_job: Some(gate),
+                ..
+            } => Selection::Gated { gate },
             Self {
                 wait_for_jobset: true,
                 system,
@@ -518,6 +537,11 @@ fn without_userinfo(uri: &str) -> String {
 
 fn parse_output(name: &str) -> Result<String, String> {
     parse_word(name, "_+.-", "a derivation output name (e.g. out, bin)")
+}
+
+/// A Hydra job name, as it stands in a job URI (`hosts.web1`, `tested`).
+fn parse_job_name(job: &str) -> Result<String, String> {
+    parse_word(job, "._+-", "a Hydra job name (e.g. tested)")
 }
 
 fn parse_system(system: &str) -> Result<String, String> {

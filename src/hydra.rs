@@ -104,6 +104,19 @@ impl JobUri {
         format!("{}/latest", self.url())
     }
 
+    /// Another job of the same jobset: its `latest` redirect.
+    pub fn sibling_latest_url(&self, job: &str) -> String {
+        format!(
+            "{}/job/{}/{}/{job}/latest",
+            self.base, self.project, self.jobset
+        )
+    }
+
+    /// This job's build in evaluation `eval` (a redirect).
+    pub fn eval_job_url(&self, eval: u64) -> String {
+        format!("{}/eval/{eval}/job/{}", self.base, self.job)
+    }
+
     pub fn build_url(&self, id: u64) -> String {
         format!("{}/build/{id}", self.base)
     }
@@ -264,6 +277,10 @@ pub enum Selection {
     /// This job's build in the newest evaluation whose builds all
     /// finished successfully, optionally for one system.
     WholeJobset { system: Option<String> },
+    /// This job's build from the evaluation of the gate job's latest
+    /// successful build (an aggregate job that succeeds only when all its
+    /// constituents do).
+    Gated { gate: String },
 }
 
 impl fmt::Display for Selection {
@@ -277,6 +294,7 @@ impl fmt::Display for Selection {
             Self::WholeJobset {
                 system: Some(system),
             } => write!(f, "wait-for-jobset/{system}"),
+            Self::Gated { gate } => write!(f, "gate-job/{gate}"),
         }
     }
 }
@@ -372,6 +390,7 @@ impl Client {
                 });
                 return (latest, memo);
             }
+            Selection::Gated { gate } => return self.gated_build(gate, known, memo),
             redirecting => redirecting.to_string(),
         };
         let url = format!("{}/{endpoint}", self.job.url());
@@ -394,6 +413,7 @@ impl Client {
     pub fn confirm_reachable(&self) -> Result<()> {
         let (url, kind) = match &self.selection {
             Selection::WholeJobset { .. } => (self.job.latest_eval_url(), "eval"),
+            Selection::Gated { gate } => (self.job.sibling_latest_url(gate), "build"),
             redirecting => (format!("{}/{redirecting}", self.job.url()), "build"),
         };
         let response = self.head(&url)?;
@@ -417,6 +437,67 @@ impl Client {
         format!("{} {} {}", self.job, self.selection, self.output)
     }
 
+    /// `--gate-job`: this job's build in the newest evaluation of the gate's
+    /// latest successful build. Small exchanges only, whatever the jobset's
+    /// size: the gate's `latest`, and while it names the build judged last
+    /// time, nothing else; otherwise the gate's build (for its evaluations)
+    /// and `/eval/N/job/JOB`.
+    fn gated_build(
+        &self,
+        gate: &str,
+        known: Option<u64>,
+        memo: Option<&EvalMemo>,
+    ) -> (Result<Latest>, Option<EvalMemo>) {
+        let source = self.source();
+        let memo = memo.filter(|m| m.source == source);
+        let found = self
+            .redirect_target(&self.job.sibling_latest_url(gate), "build")
+            .with_context(|| format!("cannot find the gate job {gate}'s latest successful build"))
+            .and_then(|gate_build| match memo.filter(|m| m.basis == gate_build) {
+                // The same gate build as last time: the same build of ours.
+                Some(EvalMemo {
+                    chosen: Some(id), ..
+                }) => Ok((gate_build, *id)),
+                _ => self
+                    .job_build_gated_by(gate, gate_build)
+                    .map(|id| (gate_build, id)),
+            });
+        let (gate_build, id) = match found {
+            Ok(found) => found,
+            Err(err) => return (Err(err), memo.cloned()),
+        };
+        let next = EvalMemo {
+            source,
+            basis: gate_build,
+            chosen: Some(id),
+            ..EvalMemo::default()
+        };
+        let latest = if known == Some(id) {
+            Ok(Latest::Unchanged(id))
+        } else {
+            self.build(id).map(Latest::Build)
+        };
+        (latest, Some(next))
+    }
+
+    /// This job's build in the newest evaluation that gate build `gate_build`
+    /// belongs to.
+    fn job_build_gated_by(&self, gate: &str, gate_build: u64) -> Result<u64> {
+        let url = self.job.build_url(gate_build);
+        let build: HydraBuild = self.get_json(&url, MAX_BODY, "a Hydra build")?;
+        let eval = build.jobsetevals.iter().max().copied().ok_or_else(|| {
+            anyhow!("the gate job {gate}'s build {gate_build} ({url}) belongs to no evaluation")
+        })?;
+        self.redirect_target(&self.job.eval_job_url(eval), "build")
+            .with_context(|| {
+                format!(
+                    "the gate job {gate} succeeded in evaluation {eval} (build {gate_build}), but \
+                     no build of {} was found there; is {} one of its constituents?",
+                    self.job.job, self.job.job
+                )
+            })
+    }
+
     /// `--wait-for-jobset`: the newest evaluation (of a bounded number) whose
     /// builds all finished successfully and that has a build of this job.
     fn whole_jobset_build(
@@ -431,7 +512,7 @@ impl Client {
             Err(err) => return (Err(err), memo.cloned()),
         };
         if let Some(memo) = memo.filter(|m| {
-            m.newest_complete == newest_complete && m.rejudge_at.is_none_or(|at| state::now() < at)
+            m.basis == newest_complete && m.rejudge_at.is_none_or(|at| state::now() < at)
         }) {
             // Nothing was evaluated (and finished) since: the same answer.
             let choice = match (memo.chosen, &memo.waiting) {
@@ -442,7 +523,7 @@ impl Client {
         }
         let mut next = EvalMemo {
             source,
-            newest_complete,
+            basis: newest_complete,
             chosen: None,
             waiting: String::new(),
             verdicts: memo.map(|m| m.verdicts.clone()).unwrap_or_default(),
@@ -961,6 +1042,9 @@ struct HydraBuild {
     job: String,
     system: String,
     buildoutputs: BTreeMap<String, BuildOutput>,
+    /// The evaluations the build belongs to.
+    #[serde(default)]
+    jobsetevals: Vec<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1152,8 +1236,11 @@ enum Choice {
 pub struct EvalMemo {
     /// The [`Client::source`] it was judged for; another source starts afresh.
     pub source: String,
-    /// Hydra's newest evaluation with no unfinished builds (`latest-eval`).
-    pub newest_complete: u64,
+    /// What the choice was made from: Hydra's newest evaluation with no
+    /// unfinished builds (`latest-eval`), or with `--gate-job` the gate's
+    /// latest build.
+    #[serde(alias = "newest_complete")]
+    pub basis: u64,
     /// The build chosen then, or none (`waiting` says why).
     pub chosen: Option<u64>,
     pub waiting: String,
@@ -1306,6 +1393,15 @@ mod tests {
         assert_eq!(
             j.url(),
             "http://127.0.0.1:3000/hydra/job/hail/main/agent.x86_64-linux"
+        );
+        // --gate-job's exchanges, under the same prefix.
+        assert_eq!(
+            j.sibling_latest_url("tested"),
+            "http://127.0.0.1:3000/hydra/job/hail/main/tested/latest"
+        );
+        assert_eq!(
+            j.eval_job_url(7),
+            "http://127.0.0.1:3000/hydra/eval/7/job/agent.x86_64-linux"
         );
 
         let j = JobUri::parse("http://[::1]:8080/job/a/b/c").unwrap();

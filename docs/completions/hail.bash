@@ -107,7 +107,7 @@ _hail() {
 
     case "${cmd}" in
         hail)
-            opts="-h -V --profile --profiles-dir --activate-timeout --job-uri --netrc-file --state-dir --lock-timeout --timeout --nix-timeout --output --system --latest-finished --wait-for-jobset --min-build-age --keep-generations --metrics-file --dry-run --retry-failed --force --oneshot --poll-period --nixos-operation --confirm-timeout --allow-reboot --reboot-window --help --version activate status service manager activation-finished help"
+            opts="-h -V --profile --profiles-dir --activate-timeout --job-uri --netrc-file --state-dir --lock-timeout --timeout --nix-timeout --output --system --latest-finished --wait-for-jobset --gate-job --min-build-age --keep-generations --metrics-file --dry-run --retry-failed --force --oneshot --poll-period --nixos-operation --confirm-timeout --allow-reboot --reboot-window --help --version activate status service manager activation-finished help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -154,6 +154,10 @@ _hail() {
                     return 0
                     ;;
                 --system)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gate-job)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

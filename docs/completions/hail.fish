@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_hail_global_optspecs
-    string join \n profile= profiles-dir= activate-timeout= job-uri= netrc-file= state-dir= lock-timeout= timeout= nix-timeout= output= system= latest-finished wait-for-jobset min-build-age= keep-generations= metrics-file= dry-run retry-failed force oneshot poll-period= nixos-operation= confirm-timeout= allow-reboot reboot-window= h/help V/version
+    string join \n profile= profiles-dir= activate-timeout= job-uri= netrc-file= state-dir= lock-timeout= timeout= nix-timeout= output= system= latest-finished wait-for-jobset gate-job= min-build-age= keep-generations= metrics-file= dry-run retry-failed force oneshot poll-period= nixos-operation= confirm-timeout= allow-reboot reboot-window= h/help V/version
 end
 
 function __fish_hail_needs_command
@@ -35,6 +35,7 @@ complete -c hail -n "__fish_hail_needs_command" -l timeout -d 'Seconds each HTTP
 complete -c hail -n "__fish_hail_needs_command" -l nix-timeout -d 'Seconds each nix call (realising the build, switching the profile, rolling back, deleting generations) may take before its process group is ended: a stuck substitution must not hold the profile lock forever' -r
 complete -c hail -n "__fish_hail_needs_command" -l output -d 'The build output to deploy, for jobs whose deployable output is not `out`' -r
 complete -c hail -n "__fish_hail_needs_command" -l system -d 'Only builds for this system (Hydra\'s latest-for/SYSTEM); otherwise the highest build id of any system wins' -r
+complete -c hail -n "__fish_hail_needs_command" -l gate-job -d 'Only this job\'s build from the evaluation in which JOB, a job of the same jobset that succeeds only when everything that must does (an aggregate such as releaseTools.aggregate), last succeeded. Small requests whatever the jobset\'s size: while JOB\'s latest build is unchanged, one' -r
 complete -c hail -n "__fish_hail_needs_command" -l min-build-age -d 'Deploy a build only once it has been finished this long (e.g. 30min, 2h, 1d; plain numbers are seconds): canary hosts at 0, the fleet later' -r
 complete -c hail -n "__fish_hail_needs_command" -l keep-generations -d 'After a successful deploy, delete all but the newest N generations (never the current one)' -r
 complete -c hail -n "__fish_hail_needs_command" -l metrics-file -d 'Write Prometheus metrics for this profile here after every pass (atomically; point it into node_exporter\'s textfile directory)' -r -F

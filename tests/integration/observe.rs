@@ -530,6 +530,86 @@ fn wait_for_jobset_deploys_an_evaluation_mended_by_a_restart() {
     );
 }
 
+/// A build of the gate job `tested` in evaluation `eval`, `status` 0 or failed.
+fn gate_in_eval(world: &World, status: i64, eval: u64) -> u64 {
+    let path = "/nix/store/tttttttttttttttttttttttttttttttt-tested";
+    world
+        .hydra
+        .add_build_in("tested", "x86_64-linux", path, Some(status), Some(eval))
+}
+
+#[test]
+fn gate_job_deploys_from_the_gates_evaluation_in_small_requests() {
+    let world = World::new();
+    let (_, a) = publish_in_eval(&world, "a", 1);
+    let gate_1 = gate_in_eval(&world, 0, 1);
+    publish_in_eval(&world, "b", 2);
+    gate_in_eval(&world, 1, 2);
+    let gated = ["--gate-job", "tested"];
+
+    // The gate failed in evaluation 2: a, from evaluation 1.
+    let run = world.pass(&gated);
+    assert_exit(&run, 0);
+    assert_eq!(
+        world.profile_target().as_deref(),
+        Some(a.as_str()),
+        "{run:?}"
+    );
+    let api = |skip: usize| -> Vec<String> {
+        world.hydra.api_requests()[skip..]
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
+    };
+    assert_eq!(
+        api(0)[..3],
+        [
+            "HEAD /job/hail/main/tested/latest".to_owned(),
+            format!("GET /build/{gate_1}"),
+            format!("HEAD /eval/1/job/{JOB}"),
+        ]
+    );
+
+    // Nothing new: one small request.
+    let asked = world.hydra.api_requests().len();
+    let run = world.pass(&gated);
+    assert_exit(&run, 0);
+    assert!(run.stderr.contains("up to date"), "{run:?}");
+    assert_eq!(api(asked), ["HEAD /job/hail/main/tested/latest"]);
+
+    // The gate succeeds in evaluation 3: c deploys.
+    let (id_c, c) = publish_in_eval(&world, "c", 3);
+    gate_in_eval(&world, 0, 3);
+    let run = world.pass(&gated);
+    assert_exit(&run, 0);
+    assert_eq!(
+        world.profile_target().as_deref(),
+        Some(c.as_str()),
+        "{run:?}"
+    );
+    assert!(world.activations()[1].contains(&format!("build={id_c} ")));
+
+    // A gate whose evaluation has no build of the job: said, nothing changed.
+    gate_in_eval(&world, 0, 4);
+    let run = world.pass(&gated);
+    assert_exit(&run, 1);
+    assert!(
+        run.error()
+            .contains(&format!("is {JOB} one of its constituents?")),
+        "{run:?}"
+    );
+    assert_eq!(world.profile_target().as_deref(), Some(c.as_str()));
+
+    // One selection at a time, and a job name.
+    for extra in [
+        &["--gate-job", "tested", "--system", "x86_64-linux"][..],
+        &["--gate-job", "tested", "--wait-for-jobset"],
+        &["--gate-job", "a/b"],
+    ] {
+        assert_exit(&world.pass(extra), 2);
+    }
+}
+
 #[test]
 fn min_build_age_waits_then_deploys() {
     let world = World::new();

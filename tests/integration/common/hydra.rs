@@ -506,6 +506,24 @@ fn answer(s: &Shared, request: &Request) -> Vec<u8> {
                 shuffled(&listing).as_bytes(),
             )
         }
+        // The job's build in the evaluation (Hydra takes the first its query
+        // finds; here, the highest id), whatever its status.
+        ["eval", id, "job", job] => match id.parse::<u64>() {
+            Ok(id) if eval_ids(s).contains(&id) => {
+                match eval_builds(s, id).filter(|b| b["job"] == job).last() {
+                    Some(build) => redirect(
+                        302,
+                        &format!("{}/build/{}", location_origin(s, request), build["id"]),
+                    ),
+                    None => error(
+                        json,
+                        404,
+                        "This evaluation has no job with the specified name.",
+                    ),
+                }
+            }
+            _ => error(json, 404, &format!("Evaluation {id} doesn't exist.")),
+        },
         ["eval", id, "builds"] if json => match id.parse::<u64>() {
             Ok(id) if eval_ids(s).contains(&id) => {
                 let builds: Vec<String> = eval_builds(s, id).map(shuffled).collect();
