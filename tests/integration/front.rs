@@ -11,7 +11,10 @@ use serde_json::Value;
 
 use crate::common::hydra::Fault;
 use crate::common::nginx::{Logged, Nginx};
-use crate::common::{JOB, Run, World, assert_exit, recording_activate};
+use crate::common::{
+    JOB, Run, World, assert_exit, assert_unknown_jobset_is_named, assert_up_to_date,
+    recording_activate,
+};
 use crate::units::{NIX_HINT, nix_instantiate, output_text, repo, run};
 
 /// Passes a test makes while it waits for a cache entry to expire…
@@ -188,11 +191,7 @@ fn no_change_passes_are_answered_by_the_front() {
     let logged = front.nginx.access_log_of(2).len();
     for _ in 0..5 {
         let run = world.run(world.hail_with_job(&job));
-        assert_exit(&run, 0);
-        assert!(
-            run.stderr.contains(&format!("up to date: build {id}")),
-            "{run:?}"
-        );
+        assert_up_to_date(&run, id);
     }
     assert_eq!(upstream_since(&world, upstream), Vec::<String>::new());
     let passes = front.log_since(logged, 5);
@@ -211,11 +210,7 @@ fn no_change_passes_are_answered_by_the_front() {
     // The price: within the lifetime, a newer build is not seen yet.
     world.publish("b");
     let run = world.run(world.hail_with_job(&job));
-    assert_exit(&run, 0);
-    assert!(
-        run.stderr.contains(&format!("up to date: build {id}")),
-        "{run:?}"
-    );
+    assert_up_to_date(&run, id);
     assert_eq!(upstream_since(&world, upstream), Vec::<String>::new());
 }
 
@@ -330,14 +325,7 @@ fn errors_are_not_cached_for_long() {
     });
 
     // An unknown jobset is reported with Hydra's own words through the front.
-    let run =
-        world.run(world.hail_with_job(&format!("{}/job/hail/nosuch/{JOB}", front.nginx.origin())));
-    assert_exit(&run, 1);
-    assert!(
-        run.stderr
-            .contains("Jobset \u{2018}nosuch\u{2019} doesn't exist."),
-        "{run:?}"
-    );
+    assert_unknown_jobset_is_named(&world, &front.nginx.origin());
 }
 
 #[test]
@@ -488,11 +476,7 @@ fn answers_to_credentials_are_never_cached() {
     let upstream = world.hydra.api_requests().len();
     for _ in 0..3 {
         let run = world.run(hail());
-        assert_exit(&run, 0);
-        assert!(
-            run.stderr.contains(&format!("up to date: build {id}")),
-            "{run:?}"
-        );
+        assert_up_to_date(&run, id);
     }
     let asked = &world.hydra.api_requests()[upstream..];
     assert_eq!(asked.len(), 3, "{asked:?}");
@@ -544,11 +528,7 @@ fn a_front_that_checks_logins_caches_for_the_hosts_that_pass() {
     let upstream = world.hydra.api_requests().len();
     for _ in 0..3 {
         let run = world.run(hail(&right));
-        assert_exit(&run, 0);
-        assert!(
-            run.stderr.contains(&format!("up to date: build {id}")),
-            "{run:?}"
-        );
+        assert_up_to_date(&run, id);
     }
     assert_eq!(upstream_since(&world, upstream), Vec::<String>::new());
     // Without the password, or with a wrong one, the cached answer is not

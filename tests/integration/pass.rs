@@ -2,7 +2,7 @@
 //! profiles in a temporary profiles dir and a real signed binary cache.
 
 use crate::common::hydra::{Bystander, Fault};
-use crate::common::{JOB, World, assert_exit, exists};
+use crate::common::{JOB, World, assert_exit, assert_unknown_jobset_is_named, exists};
 
 /// The pass did nothing: no profile, no generation, no activation, no state.
 #[track_caller]
@@ -256,14 +256,7 @@ fn no_successful_build_reports_hydras_message() {
     );
     assert_untouched(&world);
 
-    let cmd = world.hail_with_job(&format!("{}/job/hail/nosuch/{JOB}", world.hydra.origin()));
-    let run = world.run(cmd);
-    assert_exit(&run, 1);
-    assert!(
-        run.stderr
-            .contains("Jobset \u{2018}nosuch\u{2019} doesn't exist."),
-        "{run:?}"
-    );
+    assert_unknown_jobset_is_named(&world, &world.hydra.origin());
 }
 
 #[test]

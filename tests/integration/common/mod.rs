@@ -349,6 +349,29 @@ pub fn assert_exit(run: &Run, code: i32) {
     assert_eq!(run.code, Some(code), "unexpected exit status:\n{run:?}");
 }
 
+/// A pass on jobset `nosuch` of the Hydra at `origin` (the stand-in, or a
+/// front before it) fails, naming the jobset in Hydra's own words.
+#[track_caller]
+pub fn assert_unknown_jobset_is_named(world: &World, origin: &str) {
+    let run = world.run(world.hail_with_job(&format!("{origin}/job/hail/nosuch/{JOB}")));
+    assert_exit(&run, 1);
+    assert!(
+        run.stderr
+            .contains("Jobset \u{2018}nosuch\u{2019} doesn't exist."),
+        "{run:?}"
+    );
+}
+
+/// A pass that found build `id` deployed: exit 0, "up to date".
+#[track_caller]
+pub fn assert_up_to_date(run: &Run, id: u64) {
+    assert_exit(run, 0);
+    assert!(
+        run.stderr.contains(&format!("up to date: build {id}")),
+        "{run:?}"
+    );
+}
+
 /// A file the test made: failing to read it fails the test.
 pub fn read_existing(path: &Path) -> String {
     std::fs::read_to_string(path)
