@@ -491,13 +491,7 @@ fn record_file(state_dir: &StateDir, profile: &ProfileName) -> PathBuf {
 /// Forgets the record of the profile's last activation (done before each new
 /// one, so a record always describes the latest).
 pub fn forget_activation(state_dir: &StateDir, profile: &ProfileName) -> Result<()> {
-    let path = record_file(state_dir, profile);
-    match std::fs::remove_file(&path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            Err(err).with_context(|| format!("cannot remove {}", path.display()))
-        }
-        _ => Ok(()),
-    }
+    state::remove_if_exists(&record_file(state_dir, profile))
 }
 
 /// The profile's activation record; `None` if there is none, or (reported)

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use crate::hydra::JobUri;
 use crate::process::{self, Deadline, Echo};
 use crate::profile::ProfileName;
-use crate::state::{read_own_list, write_atomically};
+use crate::state::{read_own_list, remove_if_exists, write_atomically};
 
 /// Bound on an instance's `bin/deactivate` (as on activate, by default).
 const DEACTIVATE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -239,7 +239,7 @@ impl Manager {
         for (name, profile) in self.managed() {
             self.remove(&name, &profile)?;
         }
-        remove_file(&self.manifest())?;
+        remove_if_exists(&self.manifest())?;
         systemctl(&["daemon-reload"])
     }
 
@@ -282,7 +282,7 @@ impl Manager {
                 create_own_dirs(&self.unit_dir, &dropin)?;
                 write_atomically(&dropin, conf.as_bytes())?;
             }
-            None => remove_file(&dropin)?,
+            None => remove_if_exists(&dropin)?,
         }
         Ok(())
     }
@@ -308,9 +308,9 @@ impl Manager {
             process::run(Command::new(&deactivate), deadline, Echo::Both)
                 .with_context(|| format!("deactivating instance {name}"))?;
         }
-        remove_file(&self.env_file(name))?;
+        remove_if_exists(&self.env_file(name))?;
         let dropin = self.timer_dropin(name);
-        remove_file(&dropin)?;
+        remove_if_exists(&dropin)?;
         if let Some(dir) = dropin.parent() {
             let _ = std::fs::remove_dir(dir);
         }
@@ -351,15 +351,6 @@ fn create_own_dirs(base: &Path, file: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn remove_file(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            Err(err).with_context(|| format!("cannot remove {}", path.display()))
-        }
-        _ => Ok(()),
-    }
 }
 
 fn systemctl(args: &[&str]) -> Result<()> {

@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::process;
 use crate::report;
+use crate::state;
 use crate::store_path::{StoreDir, StorePath};
 
 /// A profile name relative to the profiles dir, such as `web` or
@@ -174,16 +175,9 @@ impl Profile {
         if let Some(generation) = generation {
             links.push(self.generation_link(generation));
         }
-        for link in links {
-            match std::fs::remove_file(&link) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => {
-                    return Err(err).with_context(|| format!("cannot remove {}", link.display()));
-                }
-            }
-        }
-        Ok(())
+        links
+            .iter()
+            .try_for_each(|link| state::remove_if_exists(link))
     }
 
     /// The store path generation `generation` points at, if it is one.

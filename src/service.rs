@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::process::{self, Deadline, Echo};
-use crate::state::{read_own_file, read_own_list, write_atomically};
+use crate::state::{read_own_file, read_own_list, remove_if_exists, write_atomically};
 
 /// Where a service profile's pieces are, relative to the profile.
 const UNITS: &str = "lib/systemd/system";
@@ -134,7 +134,7 @@ impl Service {
         if !dropped.is_empty() {
             systemctl(&["stop"], &dropped).context("cannot stop units this version dropped")?;
             for unit in &dropped {
-                remove_file(&self.unit_dir.join(unit))?;
+                remove_if_exists(&self.unit_dir.join(unit))?;
             }
             changes.removed = dropped;
         }
@@ -148,7 +148,7 @@ impl Service {
             let restart: Vec<String> = restart.into_iter().collect();
             systemctl(&["try-restart"], &restart)?;
         }
-        remove_file(&self.pending_file())?;
+        remove_if_exists(&self.pending_file())?;
         // `start` leaves running units alone and brings up new or stopped ones.
         let start: Vec<String> = wanted.keys().filter(|u| startable(u)).cloned().collect();
         if !start.is_empty() {
@@ -175,12 +175,12 @@ impl Service {
         if !units.is_empty() {
             systemctl(&["stop"], &units)?;
             for unit in &units {
-                remove_file(&self.unit_dir.join(unit))?;
+                remove_if_exists(&self.unit_dir.join(unit))?;
             }
             systemctl(&["daemon-reload"], &[])?;
         }
-        remove_file(&self.manifest())?;
-        remove_file(&self.pending_file())?;
+        remove_if_exists(&self.manifest())?;
+        remove_if_exists(&self.pending_file())?;
         log::info!("service {}: removed {units:?}", self.name);
         Ok(units)
     }
@@ -252,15 +252,6 @@ fn read_units(dir: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
         units.insert(name, content);
     }
     Ok(units)
-}
-
-fn remove_file(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            Err(err).with_context(|| format!("cannot remove {}", path.display()))
-        }
-        _ => Ok(()),
-    }
 }
 
 /// `systemctl VERB… UNIT…`.

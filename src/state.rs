@@ -371,6 +371,17 @@ impl Prepared {
     }
 }
 
+/// Removes `path` (a link is removed, not followed); one that is not there
+/// already is fine.
+pub fn remove_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).with_context(|| format!("cannot remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `.NAME.tmp-`: the start of every temporary file name for NAME.
 fn temp_prefix(name: &OsStr) -> std::ffi::OsString {
     let mut prefix = std::ffi::OsString::from(".");
